@@ -1,0 +1,3 @@
+from dmae_cli.cli import main
+
+main()

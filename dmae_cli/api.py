@@ -1,0 +1,120 @@
+"""The plugin contracts: what a third-party backbone, dataset or certifier implements.
+
+A plugin is an object exposed through an entry point in one of the groups `dmae.backbones`,
+`dmae.datasets` or `dmae.certifiers`. This module is the whole public surface a plugin needs;
+`API_VERSION` changes whenever a contract changes incompatibly.
+
+Backbone
+    A callable `factory(*, img_size, patch_size, in_chans, **overrides) -> VisionTransformer`
+    returning a timm `VisionTransformer` (or anything exposing `patch_embed`, `cls_token`,
+    `pos_embed`, `blocks` and `norm` the same way) with `num_classes=0`.
+
+Dataset
+    A callable `factory(split, *, root, image_size, augment, **options) -> ImageDataset` where
+    `split` is "train" or "test" (or "val", an alias of "test"), `root` a local path or None,
+    `image_size` the side the images are delivered at (their native resolution for noise), and
+    `augment` asks for training augmentation. Items are `(image, label)` with `image` a float
+    tensor in [0, 1] of shape (C, H, W). The dataset carries a `DatasetInfo` as `.info`.
+
+Certifier
+    A callable `factory(**options) -> Certifier`; see `Certifier` and `Certificate` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+API_VERSION = 1
+
+
+# -- backbones ------------------------------------------------------------------------------
+class BackboneFactory(Protocol):
+    def __call__(
+        self, *, img_size: int, patch_size: int, in_chans: int, **overrides: Any
+    ) -> torch.nn.Module: ...
+
+
+# -- datasets -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the core needs to know about a data set to build and normalise a model for it."""
+
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()
+    fingerprint: str = ""  # a hash identifying the exact split, recorded in checkpoints
+
+
+@runtime_checkable
+class ImageDataset(Protocol):
+    info: DatasetInfo
+
+
+class DatasetFactory(Protocol):
+    def __call__(
+        self, split: str, *, root: str | None, image_size: int, augment: bool, **options: Any
+    ) -> ImageDataset: ...
+
+
+# -- certifiers -----------------------------------------------------------------------------
+CountsFn = Callable[[int], torch.Tensor]
+"""`counts(num)` draws `num` fresh noisy copies of one input, classifies them and returns the
+class counts as an int64 CPU tensor of length `num_classes`. Every call uses fresh noise."""
+
+ABSTAIN = -1
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The outcome of certifying one input. `prediction == ABSTAIN` means no certificate."""
+
+    prediction: int
+    radius: float
+    count_top: int  # samples of the estimation stage that voted for `prediction`
+    n: int  # samples drawn in the estimation stage
+    n0: int  # samples drawn in the selection stage
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def abstained(self) -> bool:
+        return self.prediction == ABSTAIN
+
+
+@dataclass(frozen=True)
+class CertifyRequest:
+    """Everything a certifier is told about one input besides its `counts` function."""
+
+    sigma: float
+    alpha: float
+    n0: int
+    n: int  # the sample budget of the estimation stage
+    radii: Sequence[float] = ()  # the radii a report will use (sequential certifiers stop on them)
+    # When set, a certifier may skip estimation once the selected class differs from the label
+    # (the official evaluation's shortcut; certified accuracy is unchanged).
+    label: int | None = None
+
+
+@runtime_checkable
+class Certifier(Protocol):
+    """Decides how many samples to draw and turns class counts into a certified radius.
+
+    `certify` must hold with probability at least 1 - alpha: if it returns class c with radius
+    r > 0, the smoothed classifier g predicts c everywhere within L2 distance r of the input.
+    """
+
+    name: str
+
+    def certify(self, counts: CountsFn, request: CertifyRequest) -> Certificate: ...
+
+    def predict(self, counts: CountsFn, request: CertifyRequest) -> int: ...
+
+
+class CertifierFactory(Protocol):
+    def __call__(self, **options: Any) -> Certifier: ...

@@ -1,0 +1,131 @@
+"""Checkpoints: atomic writes, safe loading, and the RNG state that makes resume exact.
+
+Every file is written to a temporary sibling, fsync'ed and renamed, so a crash at any moment
+leaves either the previous file or the new one, never half of one. Every checkpoint a user hands
+us is loaded with `weights_only=True` (or as safetensors), so a hostile pickle cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmae_cli.errors import UserError
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call `write(file)` on a temporary file next to `path`, fsync it, then rename it over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"could not write {path}: {exc.strerror or exc}") from exc
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without executing code: `weights_only=True`, or safetensors by suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return {"model": load_file(str(path), device=str(map_location))}
+        except Exception as exc:
+            raise UserError(f"{path}: not a readable safetensors file ({exc})") from exc
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(
+                f"{path}: refused to load: the file contains objects other than tensors and plain "
+                f"data (a pickle that could run code); only weights are accepted"
+            ) from exc
+        raise UserError(f"{path}: not a readable checkpoint ({text})") from exc
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+# -- random number generator state --------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Every RNG training touches, as tensors and plain data (loadable with weights_only)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    random.setstate(_python_state_from_plain(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_plain(st: tuple) -> dict[str, Any]:
+    return {
+        "keys": torch.from_numpy(st[1].astype(np.int64)),
+        "pos": int(st[2]),
+        "has_gauss": int(st[3]),
+        "gauss": float(st[4]),
+    }
+
+
+def _numpy_state_from_plain(d: dict[str, Any]) -> tuple:
+    return ("MT19937", d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["gauss"])
+
+
+def _python_state_to_plain(st: tuple) -> dict[str, Any]:
+    return {"version": st[0], "state": list(st[1]), "gauss": st[2]}
+
+
+def _python_state_from_plain(d: dict[str, Any]) -> tuple:
+    return (d["version"], tuple(d["state"]), d["gauss"])

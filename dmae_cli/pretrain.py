@@ -1,0 +1,225 @@
+"""The DMAE pre-training stage: noisy, masked images in; clean images reconstructed.
+
+`run_pretrain(recipe)` is what `dmae pretrain` calls: it builds the data set and the model from
+the registries, trains with the shared `Trainer`, and writes into the run directory the resolved
+`config.yaml`, `metrics.jsonl`, `last.pth` + `checkpoint-NNNN.pth` and `reconstructions.png`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dmae_cli import __version__, checkpoint, distributed, registry, ui
+from dmae_cli.api import DatasetInfo
+from dmae_cli.errors import UserError
+from dmae_cli.models import DMAE, InputAdapter, build_backbone
+from dmae_cli.recipe import Recipe, recipe_to_yaml
+from dmae_cli.train import Trainer, build_loader, resolve_device
+
+
+def add_noise(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian noise in [0, 1] pixel space at the images' own resolution (no clamping, as the
+    paper: the smoothing distribution is exactly N(x, sigma^2 I))."""
+    return images + sigma * torch.randn_like(images)
+
+
+def dmae_loss(model: nn.Module, batch: Any, *, sigma: float, mask_ratio: float) -> torch.Tensor:
+    """One DMAE objective evaluation: noise before the model's resize/normalise, clean target."""
+    images = batch[0]
+    loss, _, _ = model(add_noise(images, sigma), images, mask_ratio)
+    return loss
+
+
+def load_dataset(recipe: Recipe, split: str, augment: bool) -> Any:
+    """A data set from the registry, configured by the recipe's `data` section."""
+    data = recipe.data
+    factory = registry.datasets.get(data.dataset)
+    dataset = factory(
+        split, root=data.root, image_size=data.image_size, augment=augment, **data.options
+    )
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise UserError(f"dataset '{data.dataset}' split '{split}' is empty (root: {data.root})")
+    return dataset
+
+
+def build_dmae(recipe: Recipe, info: DatasetInfo) -> DMAE:
+    m, p = recipe.model, recipe.pretrain
+    encoder = build_backbone(
+        m.backbone,
+        img_size=m.image_size,
+        patch_size=m.patch_size,
+        in_chans=info.channels,
+        **m.options,
+    )
+    adapter = InputAdapter(info.image_size, m.image_size, info.mean, info.std)
+    return DMAE(
+        encoder,
+        adapter,
+        decoder_embed_dim=p.decoder_embed_dim,
+        decoder_depth=p.decoder_depth,
+        decoder_num_heads=p.decoder_num_heads,
+        norm_pix_loss=p.norm_pix_loss,
+    )
+
+
+def model_meta(recipe: Recipe, info: DatasetInfo) -> dict[str, Any]:
+    """What a checkpoint needs to describe its model without the recipe."""
+    m = recipe.model
+    return {
+        "dmae_version": __version__,
+        "backbone": m.backbone,
+        "backbone_options": dict(m.options),
+        "image_size": m.image_size,
+        "patch_size": m.patch_size,
+        "input_size": info.image_size,
+        "channels": info.channels,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "num_classes": info.num_classes,
+        "class_names": list(info.class_names),
+        "dataset": recipe.data.dataset,
+        "data_fingerprint": info.fingerprint,
+    }
+
+
+def load_pretrained_into(model: DMAE, path: str | Path) -> None:
+    """Start from a DMAE/MAE checkpoint (ours or the official layout, PAPER.md §5)."""
+    state = checkpoint.load_checkpoint(path)
+    weights = state.get("model", state)
+    if not any(k.startswith("encoder.") for k in weights):
+        weights = {
+            k if k.startswith(("decoder", "mask_token")) else f"encoder.{k}": v
+            for k, v in weights.items()
+        }
+    own = model.state_dict()
+    # Position embeddings are fixed functions of the patch grid: recomputed, never transplanted.
+    weights = {
+        k: v
+        for k, v in weights.items()
+        if not k.endswith("pos_embed") and not k.startswith("adapter.")
+    }
+    mismatched = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        raise UserError(
+            f"{path}: checkpoint does not match the model: '{k}' has shape "
+            f"{tuple(weights[k].shape)}, the model expects {tuple(own[k].shape)}"
+        )
+    result = model.load_state_dict(weights, strict=False)
+    missing = [
+        k
+        for k in result.missing_keys
+        if not k.endswith("pos_embed") and not k.startswith("adapter.")
+    ]
+    ui.info(
+        f"loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}"
+        + (f"; missing: {', '.join(missing)}" if missing else "")
+        + (f"; unexpected: {', '.join(result.unexpected_keys)}" if result.unexpected_keys else "")
+    )
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    history: list[dict[str, Any]]
+    picture: Path | None
+
+
+def run_pretrain(
+    recipe: Recipe,
+    out: Path | None = None,
+    resume: Path | None = None,
+    stop_after: int | None = None,
+) -> PretrainResult:
+    """Pre-train DMAE as the recipe says; resumes automatically from the run's `last.pth`."""
+    run_dir = Path(out) if out is not None else recipe.stage_dir("pretrain")
+    device = resolve_device(recipe.device)
+    distributed.init_from_env(device)
+    torch.manual_seed(recipe.seed + distributed.rank())
+    train_set = load_dataset(recipe, "train", augment=True)
+    info: DatasetInfo = train_set.info
+    model = build_dmae(recipe, info).to(device)
+    p = recipe.pretrain
+    if resume is None and not (run_dir / "last.pth").is_file() and p.init:
+        load_pretrained_into(model, p.init)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(recipe))
+    trainer = Trainer(
+        model=model,
+        loss_fn=lambda m, b: dmae_loss(m, b, sigma=p.sigma, mask_ratio=p.mask_ratio),
+        loader=build_loader(train_set, recipe.data, p.batch_size, recipe.seed),
+        cfg=p,
+        run_dir=run_dir,
+        device=device,
+        precision=recipe.precision,
+        checkpoint_meta={
+            "stage": "pretrain",
+            **model_meta(recipe, info),
+            "decoder": {
+                "embed_dim": p.decoder_embed_dim,
+                "depth": p.decoder_depth,
+                "num_heads": p.decoder_num_heads,
+            },
+            "norm_pix_loss": p.norm_pix_loss,
+        },
+        description="pretrain",
+    )
+    if resume is not None and not trainer.resume(Path(resume)):
+        raise UserError(f"{resume}: nothing to resume (checkpoint not found)")
+    if resume is None:
+        trainer.resume()
+    history = trainer.fit(stop_after=stop_after)
+    picture = None
+    if distributed.is_main() and p.reconstructions > 0:
+        picture = write_reconstructions(recipe, model, run_dir / "reconstructions.png", device)
+    return PretrainResult(run_dir, history, picture)
+
+
+def write_reconstructions(recipe: Recipe, model: DMAE, path: Path, device: torch.device) -> Path:
+    """clean / noisy + masked input / reconstruction for a few test images, as one PNG."""
+    from dmae_cli.pictures import reconstruction_grid
+
+    test_set = load_dataset(recipe, "test", augment=False)
+    count = min(recipe.pretrain.reconstructions, len(test_set))
+    images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
+    generator = torch.Generator(device=device).manual_seed(recipe.seed)
+    noise = torch.randn(images.shape, generator=generator, device=device)
+    model.eval()
+    with torch.no_grad():
+        latent, mask, ids_restore = model.forward_encoder(
+            model.adapter(images + recipe.pretrain.sigma * noise),
+            recipe.pretrain.mask_ratio,
+            generator,
+        )
+        pred = model.forward_decoder(latent, ids_restore).float()
+    return reconstruction_grid(
+        model, images, images + recipe.pretrain.sigma * noise, mask, pred, path
+    )
+
+
+def redraw_reconstructions(
+    recipe: Recipe, out: Path | None = None, weights: Path | None = None
+) -> Path:
+    """Draw `reconstructions.png` from a run's checkpoint without training."""
+    run_dir = Path(out) if out is not None else recipe.stage_dir("pretrain")
+    path = Path(weights) if weights is not None else run_dir / "last.pth"
+    if not path.is_file():
+        raise UserError(
+            f"{path}: no checkpoint to draw reconstructions from; run 'dmae pretrain' first"
+        )
+    device = resolve_device(recipe.device)
+    info = load_dataset(recipe, "test", augment=False).info
+    model = build_dmae(recipe, info).to(device)
+    try:
+        model.load_state_dict(checkpoint.load_checkpoint(path, map_location=device)["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(
+            f"{path}: does not match this recipe's model ({str(exc).splitlines()[0]})"
+        ) from exc
+    return write_reconstructions(recipe, model, run_dir / "reconstructions.png", device)

@@ -1,0 +1,323 @@
+"""The training loop shared by pre-training and fine-tuning.
+
+A stage hands `Trainer` a model, a loss function, a data set and its `OptimConfig`; the trainer
+owns everything else: AdamW with no decay on biases/norms (or the stage's own parameter groups,
+e.g. layer decay), lr = blr * effective batch / 256 on a per-update warmup + cosine schedule
+(timm's `CosineLRScheduler`), gradient accumulation and clipping, bf16 autocast on CUDA, the
+progress bar, `metrics.jsonl`, atomic checkpoints and exact resume (model, optimizer, schedule
+position, epoch and every RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from rich.progress import TextColumn
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dmae_cli import checkpoint, distributed, ui
+from dmae_cli.errors import UserError
+from dmae_cli.recipe import DataConfig, OptimConfig
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+LAST = "last.pth"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default, fp32 on CPU; None means no autocast."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def base_lr(cfg: OptimConfig) -> float:
+    """The peak learning rate: `lr` if given, else the linear scaling rule blr * batch / 256."""
+    if cfg.lr is not None:
+        return cfg.lr
+    return cfg.blr * effective_batch(cfg) / 256
+
+
+def effective_batch(cfg: OptimConfig) -> int:
+    return cfg.batch_size * cfg.accum_iter * distributed.world_size()
+
+
+def build_loader(
+    dataset: Dataset, data: DataConfig, batch_size: int, seed: int, train: bool = True
+) -> DataLoader:
+    """A loader whose order depends only on (seed, epoch): set it with `loader.sampler.set_epoch`.
+
+    `DistributedSampler` is used on one process too (one replica), so the single- and
+    multi-process paths are one code path and a resumed epoch sees the same order.
+    """
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=distributed.world_size(),
+        rank=distributed.rank(),
+        shuffle=train,
+        seed=seed,
+        drop_last=train,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=data.num_workers,
+        pin_memory=data.pin_memory,
+        persistent_workers=data.persistent_workers and data.num_workers > 0,
+        drop_last=train,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+@dataclass
+class Trainer:
+    model: nn.Module
+    loss_fn: LossFn
+    loader: DataLoader
+    cfg: OptimConfig
+    run_dir: Path
+    device: torch.device
+    precision: str = "auto"
+    param_groups: list[dict[str, Any]] | None = None  # default: weight decay except 1-D params
+    eval_fn: EvalFn | None = None
+    eval_every: int = 1
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint
+    on_checkpoint: Callable[[int, dict[str, float]], None] | None = None  # e.g. keep `best`
+    log_every: int = 10  # optimizer updates between host syncs (loss check, display)
+    description: str = "train"
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.updates_per_epoch = len(self.loader) // self.cfg.accum_iter
+        if self.updates_per_epoch == 0:
+            raise UserError(
+                f"the training split has too few examples for batch {self.cfg.batch_size} x "
+                f"accumulation {self.cfg.accum_iter} x {distributed.world_size()} process(es)"
+            )
+        self.total_updates = self.cfg.epochs * self.updates_per_epoch
+        self.lr = base_lr(self.cfg)
+        groups = self.param_groups or param_groups_weight_decay(self.model, self.cfg.weight_decay)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.cfg.betas, fused=fused)
+        warmup = round(self.cfg.warmup_epochs * self.updates_per_epoch)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer,
+            t_initial=max(self.total_updates - warmup, 1),
+            lr_min=self.cfg.min_lr,
+            warmup_t=warmup,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        self.amp_dtype = autocast_dtype(self.precision, self.device)
+        self.start_epoch = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- resume --------------------------------------------------------------------------------
+    def resume(self, path: Path | None = None) -> bool:
+        """Restore from `path` or this run's `last.pth`; False when there is nothing to resume."""
+        path = path or self.run_dir / LAST
+        if not path.is_file():
+            return False
+        state = checkpoint.load_checkpoint(path, map_location=self.device)
+        missing = {"model", "optimizer", "epoch", "rng"} - state.keys()
+        if missing:
+            raise UserError(f"{path}: not a resumable dmae checkpoint (missing {sorted(missing)})")
+        try:
+            _unwrap(self.model).load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise UserError(
+                f"{path}: does not match this recipe's model ({_first_line(exc)})"
+            ) from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self._truncate_metrics(self.start_epoch)
+        ui.info(f"resuming from {path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train from `start_epoch` to the last epoch (or `stop_after` epochs in total)."""
+        end = self.cfg.epochs if stop_after is None else min(stop_after, self.cfg.epochs)
+        columns = (
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("lr {task.fields[lr]:.2e}"),
+            TextColumn("{task.fields[ips]:.0f} img/s"),
+        )
+        with ui.progress(*columns) as bar:
+            task = bar.add_task(
+                self.description,
+                total=self.total_updates,
+                loss=math.nan,
+                lr=0.0,
+                ips=0.0,
+                completed=self.start_epoch * self.updates_per_epoch,
+            )
+            for epoch in range(self.start_epoch, end):
+                stats = self._train_epoch(epoch, bar, task)
+                if self.eval_fn is not None and (
+                    (epoch + 1) % self.eval_every == 0 or epoch + 1 == end
+                ):
+                    self.model.eval()
+                    stats |= self.eval_fn(_unwrap(self.model))
+                self._finish_epoch(epoch, stats)
+        return self.history
+
+    def _train_epoch(self, epoch: int, bar: Any, task: Any) -> dict[str, float]:
+        self.model.train()
+        self.loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        accum = self.cfg.accum_iter
+        first_update = epoch * self.updates_per_epoch
+        loss_sum = torch.zeros((), device=self.device)
+        seen, shown_sum, start = 0, 0.0, time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(_take(self.loader, self.updates_per_epoch * accum)):
+            update = first_update + i // accum
+            if i % accum == 0:
+                self.scheduler.step_update(update)
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                loss = self.loss_fn(self.model, batch)
+            (loss / accum).backward()
+            loss_sum += loss.detach().float()
+            seen += _batch_len(batch)
+            if (i + 1) % accum:
+                continue
+            if self.cfg.clip_grad is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            done = update + 1 - first_update
+            if done % self.log_every == 0 or done == self.updates_per_epoch:
+                total = loss_sum.item()  # one host sync per `log_every` updates
+                self._check_finite(total - shown_sum, update, epoch)
+                shown_sum = total
+                rate = seen * distributed.world_size() / (time.perf_counter() - start)
+                bar.update(
+                    task,
+                    completed=update + 1,
+                    loss=total / (done * accum),
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    ips=rate,
+                )
+        mean_loss = distributed.all_reduce_mean(loss_sum / (self.updates_per_epoch * accum)).item()
+        elapsed = time.perf_counter() - start
+        return {
+            "loss": mean_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": seen * distributed.world_size() / elapsed,
+            "epoch_time_s": elapsed,
+        }
+
+    def _check_finite(self, recent_sum: float, update: int, epoch: int) -> None:
+        if math.isfinite(recent_sum):
+            return
+        last = self.run_dir / LAST
+        kept = (
+            f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+        )
+        raise TrainingDiverged(
+            f"loss became {recent_sum} by update {update + 1} (epoch {epoch}); {kept}; "
+            f"try a lower learning rate (blr={self.cfg.blr}) or set clip_grad"
+        )
+
+    def _autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _finish_epoch(self, epoch: int, stats: dict[str, float]) -> None:
+        record = {"epoch": epoch, "update": (epoch + 1) * self.updates_per_epoch, **stats}
+        self.history.append(record)
+        if not distributed.is_main():
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        state = self.state(epoch)
+        checkpoint.save_checkpoint(self.run_dir / LAST, state)
+        if (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
+            checkpoint.save_checkpoint(self.run_dir / f"checkpoint-{epoch + 1:04d}.pth", state)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(epoch, stats)
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        """A checkpoint in the official layout (model, optimizer, epoch, scaler) plus ours."""
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None,  # bf16 autocast needs no loss scaling
+            "epoch": epoch,
+            "rng": checkpoint.rng_state(),
+            "meta": self.checkpoint_meta,
+        }
+
+    def _truncate_metrics(self, start_epoch: int) -> None:
+        """Drop metric lines of epochs that will run again (written before a crash)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file() or not distributed.is_main():
+            return
+        keep = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("epoch", -1) < start_epoch
+        ]
+        checkpoint.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _take(loader: DataLoader, count: int) -> Iterator[Any]:
+    for i, batch in enumerate(loader):
+        if i >= count:
+            return
+        yield batch
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+def _batch_len(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, list | tuple) else batch
+    return int(first.shape[0])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
