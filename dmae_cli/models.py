@@ -232,3 +232,38 @@ def _init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+class Classifier(nn.Module):
+    """The base classifier f of the smoothed model: [0, 1] pixels -> logits (PAPER.md §2).
+
+    `InputAdapter` (resize + normalise) and then a timm ViT with global average pooling over
+    the patch tokens and `fc_norm` before the linear head; noise is added by the caller, in
+    pixel space, before `forward`.
+    """
+
+    def __init__(self, vit: nn.Module, adapter: InputAdapter):
+        super().__init__()
+        self.adapter = adapter
+        self.vit = vit
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vit(self.adapter(pixels))
+
+
+def build_classifier(meta: dict[str, Any], drop_path: float = 0.0) -> Classifier:
+    """A classifier from a checkpoint's self-description (see `pretrain.model_meta`)."""
+    vit = build_backbone(
+        meta["backbone"],
+        img_size=meta["image_size"],
+        patch_size=meta["patch_size"],
+        in_chans=meta["channels"],
+        **{
+            **meta.get("backbone_options", {}),
+            "num_classes": meta["num_classes"],
+            "global_pool": "avg",
+            "drop_path_rate": drop_path,
+        },
+    )
+    adapter = InputAdapter(meta["input_size"], meta["image_size"], meta["mean"], meta["std"])
+    return Classifier(vit, adapter)

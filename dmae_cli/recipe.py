@@ -272,7 +272,8 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         if len(items) != len(args):
             raise fail(f"a list of {len(args)} values")
         return tuple(
-            _convert(a, v, source, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, items, strict=True))
+            _convert(a, v, source, f"{path}[{i}]")
+            for i, (a, v) in enumerate(zip(args, items, strict=True))
         )
     if origin is dict:
         if value is None:
