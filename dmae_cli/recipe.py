@@ -112,6 +112,19 @@ class PretrainConfig(OptimConfig):
 
 
 @dataclass(frozen=True)
+class ProbeConfig(OptimConfig):
+    """Linear probing (`--linear-probe`, MAE's recipe): LARS on the head of a frozen encoder."""
+
+    epochs: int = field(default=90, metadata=positive())
+    batch_size: int = field(default=512, metadata=positive())
+    blr: float = field(default=0.1, metadata=positive())
+    min_lr: float = field(default=0.0, metadata=non_negative())
+    warmup_epochs: float = field(default=10.0, metadata=non_negative())
+    weight_decay: float = field(default=0.0, metadata=non_negative())
+    momentum: float = field(default=0.9, metadata=half_open(0.0, 1.0))  # LARS momentum
+
+
+@dataclass(frozen=True)
 class FinetuneConfig(OptimConfig):
     sigma: tuple[float, ...] = field(default=(0.25,), metadata=all_positive())
     blr: float = field(default=5e-4, metadata=positive())
@@ -129,9 +142,13 @@ class FinetuneConfig(OptimConfig):
     cutmix: float = field(default=0.0, metadata=non_negative())
     auto_augment: str | None = None  # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1
     reprob: float = field(default=0.0, metadata=closed(0.0, 1.0))  # random erasing
-    init: str | None = None  # checkpoint path; None: this recipe's pretraining run
-    linear_probe: bool = False
-    eval_every: int = field(default=1, metadata=positive())
+    # A checkpoint path (ours, official DMAE/MAE, timm, safetensors); null: this recipe's
+    # pretraining run (runs/<name>/pretrain/last.pth); "none": random initialisation.
+    init: str | None = None
+    linear_probe: bool = False  # frozen encoder; trains with `probe` instead of the above
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval_every: int = field(default=1, metadata=positive())  # epochs between evaluations
+    eval_noise_copies: int = field(default=1, metadata=positive())  # noise draws per test image
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,11 @@ class Recipe:
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.runs_dir) / self.name / stage
+
+
+def sigma_name(sigma: float) -> str:
+    """The directory/file stem for one noise level: 0.25 -> 'sigma-0.25', 1 -> 'sigma-1.0'."""
+    return f"sigma-{float(sigma)!r}"
 
 
 # -- loading ------------------------------------------------------------------------------------

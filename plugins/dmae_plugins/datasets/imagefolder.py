@@ -1,0 +1,223 @@
+"""ImageNet-style folders: `root/train/<class>/*.jpg` and `root/val/<class>/*.jpg`.
+
+Split "test" (or "val") reads `root/val/`, or `root/test/` when there is no `val/`. Class names
+are the sorted sub-directories of `root/train/` when it exists, so that a label means the same
+class in both splits even when the evaluation folder lacks some classes.
+
+Transforms follow the paper (and MAE): for training RandomResizedCrop(image_size, scale 0.2-1,
+bicubic) and a horizontal flip; for evaluation a bicubic resize of the shorter side to
+image_size * 256 / 224 and a centre crop. Images are delivered in [0, 1] without normalisation:
+the model normalises.
+
+A corrupt file is skipped by default: the item at its index becomes the next readable file
+(wrapping round), `skipped` counts the distinct files found bad, and a warning names each once.
+With `strict: true` the first corrupt file raises a `UserError` naming it instead. `skipped` is
+per process: with DataLoader workers each worker counts what it met.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from dmae_cli.api import DatasetInfo
+from dmae_cli.errors import UserError
+from dmae_plugins.datasets._common import (
+    check_image_size,
+    check_options,
+    fingerprint,
+    normalize_split,
+    require_root,
+)
+
+NAME = "imagefolder"
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as in the paper
+STD = (0.229, 0.224, 0.225)
+OPTIONS: dict[str, type] = {"strict": bool}
+# What PIL raises for a file it cannot decode (UnidentifiedImageError is an OSError; truncated
+# files raise OSError on load; some decoders raise SyntaxError or ValueError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+log = logging.getLogger(__name__)
+
+
+# -- finding the files -----------------------------------------------------------------------
+def split_dir(root: Path, split: str) -> Path:
+    """`root/train`, or for the test split `root/val` falling back to `root/test`."""
+    candidates = ("train",) if split == "train" else ("val", "test")
+    for name in candidates:
+        if (root / name).is_dir():
+            return root / name
+    wanted = " or ".join(f"{name}/" for name in candidates)
+    raise UserError(f"dataset '{NAME}': {str(root)!r} has no {wanted} directory of class folders")
+
+
+def find_classes(directory: Path) -> tuple[str, ...]:
+    """The sorted names of the visible sub-directories: one per class."""
+    names = sorted(
+        entry.name
+        for entry in os.scandir(directory)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+    if not names:
+        raise UserError(f"dataset '{NAME}': {str(directory)!r} has no class sub-directories")
+    return tuple(names)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(EXTENSIONS)
+
+
+def class_files(directory: Path, class_name: str) -> list[str]:
+    """Every image under `directory/class_name` (recursively, links followed), sorted, as paths
+    relative to `directory`."""
+    class_dir = directory / class_name
+    found = [
+        os.path.relpath(folder, directory) + os.sep + name  # one relpath per folder, not per file
+        for folder, _, names in os.walk(class_dir, followlinks=True)
+        for name in names
+        if _is_image(name)
+    ]
+    if not found:
+        listed = ", ".join(EXTENSIONS)
+        raise UserError(
+            f"dataset '{NAME}': class folder {str(class_dir)!r} has no images ({listed})"
+        )
+    return sorted(found)
+
+
+def scan(directory: Path, classes: tuple[str, ...]) -> tuple[list[str], list[int]]:
+    """The files (relative to `directory`) of every class folder there and their labels."""
+    index = {name: i for i, name in enumerate(classes)}
+    files: list[str] = []
+    labels: list[int] = []
+    for name in find_classes(directory):
+        if name not in index:
+            raise UserError(
+                f"dataset '{NAME}': class folder {str(directory / name)!r} is not among the "
+                f"training classes ({len(classes)} folders in train/)"
+            )
+        found = class_files(directory, name)
+        files += found
+        labels += [index[name]] * len(found)
+    return files, labels
+
+
+# -- transforms ------------------------------------------------------------------------------
+def build_transform(image_size: int, augment: bool) -> v2.Compose:
+    """The paper's train augmentation or its evaluation resize + centre crop, ending in [0, 1]."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    if augment:
+        geometry = [
+            v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [
+            v2.Resize(int(image_size * 256 / 224), interpolation=bicubic),
+            v2.CenterCrop(image_size),
+        ]
+    return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+# -- the data set ----------------------------------------------------------------------------
+class ImageFolder(Dataset):
+    """Images decoded from files on demand, with corrupt files skipped or reported."""
+
+    def __init__(
+        self,
+        directory: Path,
+        files: list[str],
+        labels: list[int],
+        info: DatasetInfo,
+        transform: Any,
+        strict: bool,
+    ) -> None:
+        # Paths relative to `directory`, as one fixed-width bytes array rather than a list of
+        # str: forked DataLoader workers reading millions of Python objects would copy their
+        # pages (refcounts), and an array of ~30-byte names costs ~40 MB for ImageNet.
+        self.directory = directory
+        self.files = np.array([os.fsencode(f) for f in files])
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.info = info
+        self.transform = transform
+        self.strict = strict
+        self.skipped = 0
+        self._bad: set[int] = set()
+
+    def path(self, index: int) -> Path:
+        """The file of item `index`."""
+        return self.directory / os.fsdecode(self.files[index])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, index: int) -> Image.Image | None:
+        """The RGB image at `index`, or None when the file cannot be decoded (and not strict)."""
+        path = str(self.path(index))
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")  # convert() forces the full decode inside the try
+        except DECODE_ERRORS as exc:
+            if self.strict:
+                raise UserError(f"dataset '{NAME}': cannot decode image {path!r}: {exc}") from exc
+            self._bad.add(index)
+            self.skipped += 1
+            log.warning("skipping unreadable image %s (%s)", path, exc)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        count = len(self.files)
+        for offset in range(count):
+            candidate = (index + offset) % count
+            if candidate in self._bad:
+                continue
+            image = self._decode(candidate)
+            if image is not None:
+                return self.transform(image), int(self.labels[candidate])
+        raise UserError(f"dataset '{NAME}': none of the {count} images could be decoded")
+
+
+def imagefolder(
+    split: str,
+    *,
+    root: str | None = None,
+    image_size: int = 224,
+    augment: bool = False,
+    **options: Any,
+) -> ImageFolder:
+    """The `split` ("train", "test" or "val") of the class folders under `root`.
+
+    Options: `strict` (bool, default false) turns a corrupt image into an error instead of a
+    skipped item.
+    """
+    split = normalize_split(NAME, split)
+    image_size = check_image_size(NAME, image_size)
+    opts = check_options(NAME, options, OPTIONS)
+    base = require_root(NAME, root, "train/ and val/ (or test/) folders of class sub-directories")
+    directory = split_dir(base, split)
+    train_dir = base / "train"
+    classes = find_classes(train_dir if train_dir.is_dir() else directory)
+    files, labels = scan(directory, classes)
+    info = DatasetInfo(
+        num_classes=len(classes),
+        image_size=image_size,
+        channels=3,
+        mean=MEAN,
+        std=STD,
+        class_names=classes,
+        fingerprint=fingerprint(
+            NAME, split, image_size, classes, "\0".join(files), np.asarray(labels)
+        ),
+    )
+    transform = build_transform(image_size, augment)
+    return ImageFolder(directory, files, labels, info, transform, strict=opts.get("strict", False))
