@@ -412,3 +412,8 @@ def test_plugins_are_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     datasets.refresh()
     assert {"cifar10", "digits", "imagefolder"} <= set(datasets.names())
     assert datasets.get("digits") is digits
+
+
+def test_digits_warns_that_root_is_ignored() -> None:
+    with pytest.warns(UserWarning, match="data.root='/data' is ignored"):
+        digits("test", root="/data")

@@ -11,6 +11,7 @@ as one tensor, so an item costs a tensor index plus, when augmenting, one random
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache, partial
 from typing import Any
 
@@ -92,11 +93,12 @@ def digits(
 ) -> InMemoryImages:
     """The digits `split` ("train", "test" or "val") delivered at `image_size` x `image_size`.
 
-    `root` is ignored: the data is embedded. Options: `split_seed` (int, default 0) chooses the
-    train/test split; `max_shift` (int, default image_size // 8, at least 1) bounds the random
-    translation used when `augment` is true (0 turns augmentation off).
+    `root` is ignored, with a warning: the data is embedded. Options: `split_seed` (int,
+    default 0) chooses the train/test split; `max_shift` (int, default image_size // 8, at
+    least 1) bounds the random translation used when `augment` is true (0 turns it off).
     """
-    del root  # embedded data set: nothing to read from disk
+    if root is not None:  # embedded data set: nothing to read from disk, but say so
+        warnings.warn(f"dataset '{NAME}' is embedded; data.root={root!r} is ignored", stacklevel=2)
     split = normalize_split(NAME, split)
     image_size = check_image_size(NAME, image_size)
     opts = check_options(NAME, options, OPTIONS)
