@@ -103,11 +103,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # checkpoints may be mapped to a GPU
     np.random.set_state(_numpy_state_from_plain(state["numpy"]))
     random.setstate(_python_state_from_plain(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _numpy_state_to_plain(st: tuple) -> dict[str, Any]:

@@ -128,6 +128,7 @@ class PretrainResult:
     run_dir: Path
     history: list[dict[str, Any]]
     picture: Path | None
+    model: DMAE
 
 
 def run_pretrain(
@@ -140,7 +141,7 @@ def run_pretrain(
     run_dir = Path(out) if out is not None else recipe.stage_dir("pretrain")
     device = resolve_device(recipe.device)
     distributed.init_from_env(device)
-    torch.manual_seed(recipe.seed + distributed.rank())
+    torch.manual_seed(recipe.seed + distributed.rank())  # distinct noise and masks per rank
     train_set = load_dataset(recipe, "train", augment=True)
     info: DatasetInfo = train_set.info
     model = build_dmae(recipe, info).to(device)
@@ -151,7 +152,7 @@ def run_pretrain(
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(recipe))
     trainer = Trainer(
-        model=model,
+        model=distributed.wrap_ddp(model, device),  # DDP broadcasts rank 0's initial weights
         loss_fn=lambda m, b: dmae_loss(m, b, sigma=p.sigma, mask_ratio=p.mask_ratio),
         loader=build_loader(train_set, recipe.data, p.batch_size, recipe.seed),
         cfg=p,
@@ -178,7 +179,7 @@ def run_pretrain(
     picture = None
     if distributed.is_main() and p.reconstructions > 0:
         picture = write_reconstructions(recipe, model, run_dir / "reconstructions.png", device)
-    return PretrainResult(run_dir, history, picture)
+    return PretrainResult(run_dir, history, picture, model)
 
 
 def write_reconstructions(recipe: Recipe, model: DMAE, path: Path, device: torch.device) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch.nn as nn
 from rich.progress import TextColumn
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from dmae_cli import checkpoint, distributed, ui
 from dmae_cli.errors import UserError
@@ -72,11 +73,20 @@ def effective_batch(cfg: OptimConfig) -> int:
 def build_loader(
     dataset: Dataset, data: DataConfig, batch_size: int, seed: int, train: bool = True
 ) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch): set it with `loader.sampler.set_epoch`.
+    """A loader whose order depends only on (seed, epoch); `set_epoch(loader, epoch)` sets it.
 
-    `DistributedSampler` is used on one process too (one replica), so the single- and
-    multi-process paths are one code path and a resumed epoch sees the same order.
+    Map-style data goes through `DistributedSampler` on one process too (one replica), so the
+    single- and multi-process paths are one code path and a resumed epoch sees the same order.
+    An `IterableDataset` (webdataset shards) splits itself by node and worker; its `len` is the
+    number of samples this rank sees per epoch.
     """
+    workers = dict(
+        num_workers=data.num_workers,
+        pin_memory=data.pin_memory,
+        persistent_workers=data.persistent_workers and data.num_workers > 0,
+    )
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=batch_size, drop_last=train, **workers)
     sampler = DistributedSampler(
         dataset,
         num_replicas=distributed.world_size(),
@@ -89,12 +99,20 @@ def build_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=data.num_workers,
-        pin_memory=data.pin_memory,
-        persistent_workers=data.persistent_workers and data.num_workers > 0,
         drop_last=train,
         generator=torch.Generator().manual_seed(seed),
+        **workers,
     )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reseed the loader's shuffling (and its workers' seeds) for `epoch`, so a resumed epoch
+    repeats exactly what an uninterrupted run would have done."""
+    for source in (loader.sampler, loader.dataset):
+        if hasattr(source, "set_epoch"):
+            source.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(loader.generator.initial_seed() + epoch)
 
 
 @dataclass
@@ -111,6 +129,8 @@ class Trainer:
     eval_every: int = 1
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # stored in every checkpoint
     on_checkpoint: Callable[[int, dict[str, float]], None] | None = None  # e.g. keep `best`
+    # (param groups, peak lr) -> optimizer; default AdamW (e.g. LARS for linear probing)
+    make_optimizer: Callable[[list[dict[str, Any]], float], torch.optim.Optimizer] | None = None
     log_every: int = 10  # optimizer updates between host syncs (loss check, display)
     description: str = "train"
 
@@ -125,8 +145,13 @@ class Trainer:
         self.total_updates = self.cfg.epochs * self.updates_per_epoch
         self.lr = base_lr(self.cfg)
         groups = self.param_groups or param_groups_weight_decay(self.model, self.cfg.weight_decay)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.cfg.betas, fused=fused)
+        if self.make_optimizer is not None:
+            self.optimizer = self.make_optimizer(groups, self.lr)
+        else:
+            fused = self.device.type == "cuda"
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=self.lr, betas=self.cfg.betas, fused=fused
+            )
         warmup = round(self.cfg.warmup_epochs * self.updates_per_epoch)
         self.scheduler = CosineLRScheduler(
             self.optimizer,
@@ -158,11 +183,24 @@ class Trainer:
                 f"{path}: does not match this recipe's model ({_first_line(exc)})"
             ) from exc
         self.optimizer.load_state_dict(state["optimizer"])
-        checkpoint.set_rng_state(state["rng"])
         self.start_epoch = int(state["epoch"]) + 1
+        self._restore_rng(state["rng"])
         self._truncate_metrics(self.start_epoch)
         ui.info(f"resuming from {path} at epoch {self.start_epoch}/{self.cfg.epochs}")
         return True
+
+    def _restore_rng(self, rngs: list[dict[str, Any]]) -> None:
+        if len(rngs) == distributed.world_size():
+            checkpoint.set_rng_state(rngs[distributed.rank()])
+            return
+        # Another number of processes: exact continuation is impossible; keep streams distinct.
+        warnings.warn(
+            f"resuming {len(rngs)}-process RNG state on {distributed.world_size()} processes; "
+            "random streams are reseeded, so this run will not repeat an uninterrupted one",
+            stacklevel=2,
+        )
+        checkpoint.set_rng_state(rngs[0])
+        torch.manual_seed(torch.initial_seed() + 1_000_003 * distributed.rank() + self.start_epoch)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
@@ -194,7 +232,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, bar: Any, task: Any) -> dict[str, float]:
         self.model.train()
-        self.loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        set_epoch(self.loader, epoch)
         accum = self.cfg.accum_iter
         first_update = epoch * self.updates_per_epoch
         loss_sum = torch.zeros((), device=self.device)
@@ -205,9 +243,11 @@ class Trainer:
             if i % accum == 0:
                 self.scheduler.step_update(update)
             batch = _to_device(batch, self.device)
-            with self._autocast():
+            # DDP all-reduces gradients only on the micro-batch that completes an update.
+            sync = (i + 1) % accum == 0 or not hasattr(self.model, "no_sync")
+            with self._autocast(), nullcontext() if sync else self.model.no_sync():
                 loss = self.loss_fn(self.model, batch)
-            (loss / accum).backward()
+                (loss / accum).backward()
             loss_sum += loss.detach().float()
             seen += _batch_len(batch)
             if (i + 1) % accum:
@@ -259,25 +299,27 @@ class Trainer:
     def _finish_epoch(self, epoch: int, stats: dict[str, float]) -> None:
         record = {"epoch": epoch, "update": (epoch + 1) * self.updates_per_epoch, **stats}
         self.history.append(record)
+        rngs = distributed.gather_objects(checkpoint.rng_state())  # every rank's own streams
         if not distributed.is_main():
             return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        state = self.state(epoch)
+        state = self.state(epoch, rngs)
         checkpoint.save_checkpoint(self.run_dir / LAST, state)
         if (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
             checkpoint.save_checkpoint(self.run_dir / f"checkpoint-{epoch + 1:04d}.pth", state)
         if self.on_checkpoint is not None:
             self.on_checkpoint(epoch, stats)
 
-    def state(self, epoch: int) -> dict[str, Any]:
-        """A checkpoint in the official layout (model, optimizer, epoch, scaler) plus ours."""
+    def state(self, epoch: int, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        """A checkpoint in the official layout (model, optimizer, epoch, scaler) plus ours:
+        `rng` holds one RNG state per rank, so every rank resumes its own noise stream."""
         return {
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": None,  # bf16 autocast needs no loss scaling
             "epoch": epoch,
-            "rng": checkpoint.rng_state(),
+            "rng": rngs,
             "meta": self.checkpoint_meta,
         }
 
