@@ -10,6 +10,7 @@ position, epoch and every RNG).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from dmae_cli import checkpoint, distributed, ui
 from dmae_cli.errors import UserError
+from dmae_cli.interrupt import GracefulStop, Interrupted
 from dmae_cli.recipe import DataConfig, OptimConfig
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -87,7 +89,7 @@ def build_loader(
     )
     if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, batch_size=batch_size, drop_last=train, **workers)
-    sampler = DistributedSampler(
+    sampler = ResumableSampler(
         dataset,
         num_replicas=distributed.world_size(),
         rank=distributed.rank(),
@@ -105,12 +107,27 @@ def build_loader(
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` that can start part-way through an epoch, after an interruption."""
+
+    skip = 0  # samples of this rank's epoch order already trained on
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def set_epoch(loader: DataLoader, epoch: int, skip: int = 0) -> None:
     """Reseed the loader's shuffling (and its workers' seeds) for `epoch`, so a resumed epoch
     repeats exactly what an uninterrupted run would have done."""
     for source in (loader.sampler, loader.dataset):
         if hasattr(source, "set_epoch"):
             source.set_epoch(epoch)
+    if isinstance(loader.sampler, ResumableSampler):
+        # An iterable data set cannot skip; it just draws fewer batches after a resume.
+        loader.sampler.skip = skip
     if loader.generator is not None:
         loader.generator.manual_seed(loader.generator.initial_seed() + epoch)
 
@@ -164,6 +181,7 @@ class Trainer:
         )
         self.amp_dtype = autocast_dtype(self.precision, self.device)
         self.start_epoch = 0
+        self.partial: dict[str, Any] | None = None  # where an interrupted epoch stopped
         self.history: list[dict[str, Any]] = []
 
     # -- resume --------------------------------------------------------------------------------
@@ -184,9 +202,11 @@ class Trainer:
             ) from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"]) + 1
+        self.partial = state.get("position")
         self._restore_rng(state["rng"])
         self._truncate_metrics(self.start_epoch)
-        ui.info(f"resuming from {path} at epoch {self.start_epoch}/{self.cfg.epochs}")
+        where = f", update {self.partial['updates_done']}" if self.partial else ""
+        ui.info(f"resuming from {path} at epoch {self.start_epoch}/{self.cfg.epochs}{where}")
         return True
 
     def _restore_rng(self, rngs: list[dict[str, Any]]) -> None:
@@ -204,24 +224,29 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
-        """Train from `start_epoch` to the last epoch (or `stop_after` epochs in total)."""
+        """Train from `start_epoch` to the last epoch (or `stop_after` epochs in total).
+
+        SIGINT/SIGTERM finish the current update, save `last.pth` with the position inside the
+        epoch and raise `Interrupted`; the next run resumes at that very update.
+        """
         end = self.cfg.epochs if stop_after is None else min(stop_after, self.cfg.epochs)
         columns = (
             TextColumn("loss {task.fields[loss]:.4f}"),
             TextColumn("lr {task.fields[lr]:.2e}"),
             TextColumn("{task.fields[ips]:.0f} img/s"),
         )
-        with ui.progress(*columns) as bar:
+        done = self.partial["updates_done"] if self.partial else 0
+        with ui.progress(*columns) as bar, GracefulStop() as stop:
             task = bar.add_task(
                 self.description,
                 total=self.total_updates,
                 loss=math.nan,
                 lr=0.0,
                 ips=0.0,
-                completed=self.start_epoch * self.updates_per_epoch,
+                completed=self.start_epoch * self.updates_per_epoch + done,
             )
             for epoch in range(self.start_epoch, end):
-                stats = self._train_epoch(epoch, bar, task)
+                stats = self._train_epoch(epoch, bar, task, stop)
                 if self.eval_fn is not None and (
                     (epoch + 1) % self.eval_every == 0 or epoch + 1 == end
                 ):
@@ -230,15 +255,19 @@ class Trainer:
                 self._finish_epoch(epoch, stats)
         return self.history
 
-    def _train_epoch(self, epoch: int, bar: Any, task: Any) -> dict[str, float]:
+    def _train_epoch(self, epoch: int, bar: Any, task: Any, stop: GracefulStop) -> dict[str, float]:
         self.model.train()
-        set_epoch(self.loader, epoch)
         accum = self.cfg.accum_iter
+        partial, self.partial = self.partial, None
+        done0 = partial["updates_done"] if partial else 0
+        set_epoch(self.loader, epoch, skip=done0 * accum * (self.loader.batch_size or 1))
         first_update = epoch * self.updates_per_epoch
-        loss_sum = torch.zeros((), device=self.device)
-        seen, shown_sum, start = 0, 0.0, time.perf_counter()
+        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=self.device)
+        seen0 = seen = partial["seen"] if partial else 0
+        shown_sum, start = float(loss_sum), time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(_take(self.loader, self.updates_per_epoch * accum)):
+        batches = _take(self.loader, (self.updates_per_epoch - done0) * accum)
+        for i, batch in enumerate(batches, start=done0 * accum):
             update = first_update + i // accum
             if i % accum == 0:
                 self.scheduler.step_update(update)
@@ -261,22 +290,39 @@ class Trainer:
                 total = loss_sum.item()  # one host sync per `log_every` updates
                 self._check_finite(total - shown_sum, update, epoch)
                 shown_sum = total
-                rate = seen * distributed.world_size() / (time.perf_counter() - start)
-                bar.update(
-                    task,
-                    completed=update + 1,
-                    loss=total / (done * accum),
-                    lr=self.optimizer.param_groups[0]["lr"],
-                    ips=rate,
-                )
+                rate = (seen - seen0) * distributed.world_size() / (time.perf_counter() - start)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.update(task, completed=update + 1, loss=total / (done * accum), lr=lr, ips=rate)
+            # Under DDP the ranks agree on stopping at log points only (a collective costs a sync).
+            if done % self.log_every == 0 or not distributed.is_distributed():
+                signum = stop.requested()
+                if signum and done < self.updates_per_epoch:  # an epoch's end finishes normally
+                    self._save_interrupted(epoch, done, loss_sum, seen, signum)
         mean_loss = distributed.all_reduce_mean(loss_sum / (self.updates_per_epoch * accum)).item()
         elapsed = time.perf_counter() - start
         return {
             "loss": mean_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_s": seen * distributed.world_size() / elapsed,
+            "images_per_s": (seen - seen0) * distributed.world_size() / elapsed,
             "epoch_time_s": elapsed,
         }
+
+    def _save_interrupted(
+        self, epoch: int, done: int, loss_sum: torch.Tensor, seen: int, signum: int
+    ) -> None:
+        """Save the position inside the epoch with the last complete epoch, then stop."""
+        total = loss_sum.item()
+        self._check_finite(total, epoch * self.updates_per_epoch + done - 1, epoch)
+        position = {"epoch": epoch, "updates_done": done, "loss_sum": total, "seen": seen}
+        rngs = distributed.gather_objects(checkpoint.rng_state())
+        last = self.run_dir / LAST
+        if distributed.is_main():
+            checkpoint.save_checkpoint(last, self.state(epoch - 1, rngs) | {"position": position})
+        raise Interrupted(
+            f"interrupted at epoch {epoch}, update {done}/{self.updates_per_epoch}; progress "
+            f"saved in {last}; run the same command again to resume",
+            signum,
+        )
 
     def _check_finite(self, recent_sum: float, update: int, epoch: int) -> None:
         if math.isfinite(recent_sum):

@@ -115,3 +115,33 @@ def test_pretrain_cli_end_to_end(tmp_path: Path) -> None:
         "pretrain", "recipes/digits.yaml", *sets, "--out", str(tmp_path / "p"), "--pictures-only"
     )
     assert again.exit_code == 0, again.output
+
+
+def test_sigint_stops_with_130_and_the_rerun_resumes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    from tests.conftest import TINY_OVERRIDES
+
+    sets = [x for item in [*TINY_OVERRIDES, "pretrain.epochs=40"] for x in ("--set", item)]
+    command = [sys.executable, "-m", "dmae_cli", "pretrain", "recipes/digits.yaml", *sets]
+    command += ["--out", str(tmp_path)]
+    env = {**os.environ, "DMAE_PLUGINS": "builtin", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert (
+        last_line.startswith("stopped: interrupted at epoch")
+        and "run the same command" in last_line
+    )
+
+    sets = [x for item in [*TINY_OVERRIDES, "pretrain.epochs=2"] for x in ("--set", item)]
+    again = run("pretrain", "recipes/digits.yaml", *sets, "--out", str(tmp_path))
+    assert again.exit_code == 0, again.output
+    assert "resuming from" in again.stderr

@@ -94,3 +94,39 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe) -> Non
         TrainingDiverged, match="loss became nan by update .*try a lower learning rate"
     ):
         run_pretrain(recipe)
+
+
+def test_sigint_mid_epoch_saves_and_resumes_exactly(tiny_recipe, monkeypatch) -> None:
+    import os
+    import signal
+
+    import dmae_cli.pretrain as pretrain_module
+    from dmae_cli.interrupt import Interrupted
+
+    straight = tiny_recipe("pretrain.epochs=2", "name=straight")
+    run_pretrain(straight)
+
+    calls = {"n": 0}
+    real_loss = pretrain_module.dmae_loss
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 30:  # inside epoch 1 (22 updates per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    split = tiny_recipe("pretrain.epochs=2", "name=split")
+    monkeypatch.setattr(pretrain_module, "dmae_loss", loss_then_signal)
+    with pytest.raises(Interrupted, match="interrupted at epoch 1, update 8/22") as err:
+        run_pretrain(split)
+    assert err.value.exit_code == 130
+    monkeypatch.setattr(pretrain_module, "dmae_loss", real_loss)
+    state = load_checkpoint(split.stage_dir("pretrain") / "last.pth")
+    assert state["epoch"] == 0 and state["position"]["updates_done"] == 8
+
+    resumed = run_pretrain(split)
+    assert [h["epoch"] for h in resumed.history] == [1]
+    a = load_checkpoint(straight.stage_dir("pretrain") / "last.pth")["model"]
+    b = load_checkpoint(split.stage_dir("pretrain") / "last.pth")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
