@@ -7,6 +7,7 @@ the registries, trains with the shared `Trainer`, and writes into the run direct
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,9 @@ def write_reconstructions(recipe: Recipe, model: DMAE, path: Path, device: torch
     from dmae_cli.pictures import reconstruction_grid
 
     test_set = load_dataset(recipe, "test", augment=False)
-    count = min(recipe.pretrain.reconstructions, len(test_set))
-    images = torch.stack([test_set[i][0] for i in range(count)]).to(device)
+    count = recipe.pretrain.reconstructions
+    # Iterate rather than index: a sharded (iterable) data set has no random access.
+    images = torch.stack([image for image, _ in itertools.islice(iter(test_set), count)]).to(device)
     generator = torch.Generator(device=device).manual_seed(recipe.seed)
     noise = torch.randn(images.shape, generator=generator, device=device)
     model.eval()

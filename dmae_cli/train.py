@@ -88,6 +88,8 @@ def build_loader(
         persistent_workers=data.persistent_workers and data.num_workers > 0,
     )
     if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "set_batch_size"):  # whole batches per worker: every rank's len agrees
+            dataset.set_batch_size(batch_size)
         return DataLoader(dataset, batch_size=batch_size, drop_last=train, **workers)
     sampler = ResumableSampler(
         dataset,
@@ -120,14 +122,14 @@ class ResumableSampler(DistributedSampler):
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip: int = 0) -> None:
-    """Reseed the loader's shuffling (and its workers' seeds) for `epoch`, so a resumed epoch
-    repeats exactly what an uninterrupted run would have done."""
-    for source in (loader.sampler, loader.dataset):
-        if hasattr(source, "set_epoch"):
-            source.set_epoch(epoch)
+    """Reseed the loader's shuffling (and its workers' seeds) for `epoch`, starting `skip`
+    samples into this rank's order, so a resumed epoch repeats an uninterrupted one exactly."""
     if isinstance(loader.sampler, ResumableSampler):
-        # An iterable data set cannot skip; it just draws fewer batches after a resume.
+        loader.sampler.set_epoch(epoch)
         loader.sampler.skip = skip
+    elif hasattr(loader.dataset, "set_epoch"):  # an iterable data set orders and skips itself
+        extra = {"skip": skip} if skip else {}
+        loader.dataset.set_epoch(epoch, **extra)
     if loader.generator is not None:
         loader.generator.manual_seed(loader.generator.initial_seed() + epoch)
 
