@@ -267,6 +267,7 @@ class Trainer:
         loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=self.device)
         seen0 = seen = partial["seen"] if partial else 0
         shown_sum, start = float(loss_sum), time.perf_counter()
+        skipped0 = getattr(self.loader.dataset, "skipped", None)  # corrupt images or shards
         self.optimizer.zero_grad(set_to_none=True)
         batches = _take(self.loader, (self.updates_per_epoch - done0) * accum)
         for i, batch in enumerate(batches, start=done0 * accum):
@@ -302,12 +303,16 @@ class Trainer:
                     self._save_interrupted(epoch, done, loss_sum, seen, signum)
         mean_loss = distributed.all_reduce_mean(loss_sum / (self.updates_per_epoch * accum)).item()
         elapsed = time.perf_counter() - start
-        return {
+        stats = {
             "loss": mean_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": (seen - seen0) * distributed.world_size() / elapsed,
             "epoch_time_s": elapsed,
         }
+        if skipped0 is not None:  # reported, never silent: a shrinking data set is news
+            skipped = torch.tensor(float(self.loader.dataset.skipped - skipped0))
+            stats["skipped"] = int(distributed.all_reduce_mean(skipped) * distributed.world_size())
+        return stats
 
     def _save_interrupted(
         self, epoch: int, done: int, loss_sum: torch.Tensor, seen: int, signum: int
