@@ -310,7 +310,9 @@ class Trainer:
             "epoch_time_s": elapsed,
         }
         if skipped0 is not None:  # reported, never silent: a shrinking data set is news
-            skipped = torch.tensor(float(self.loader.dataset.skipped - skipped0))
+            skipped = torch.tensor(
+                float(self.loader.dataset.skipped - skipped0), device=self.device
+            )
             stats["skipped"] = int(distributed.all_reduce_mean(skipped) * distributed.world_size())
         return stats
 
