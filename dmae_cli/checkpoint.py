@@ -41,6 +41,12 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     return path
 
 
+def remove_stale_temporaries(directory: str | Path) -> None:
+    """Delete temporaries of writes that a SIGKILL cut short (never read, only clutter)."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 

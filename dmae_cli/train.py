@@ -190,6 +190,8 @@ class Trainer:
     def resume(self, path: Path | None = None) -> bool:
         """Restore from `path` or this run's `last.pth`; False when there is nothing to resume."""
         path = path or self.run_dir / LAST
+        if distributed.is_main() and self.run_dir.is_dir():
+            checkpoint.remove_stale_temporaries(self.run_dir)
         if not path.is_file():
             return False
         state = checkpoint.load_checkpoint(path, map_location=self.device)
