@@ -22,6 +22,7 @@ Certifier
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -66,18 +67,24 @@ class DatasetFactory(Protocol):
 # -- certifiers -----------------------------------------------------------------------------
 CountsFn = Callable[[int], torch.Tensor]
 """`counts(num)` draws `num` fresh noisy copies of one input, classifies them and returns the
-class counts as an int64 CPU tensor of length `num_classes`. Every call uses fresh noise."""
+class counts as an int64 CPU tensor of length `num_classes`. Every call uses fresh noise, so
+a certifier that selects a class on one call and estimates on another never reuses samples."""
 
 ABSTAIN = -1
 
 
 @dataclass(frozen=True)
 class Certificate:
-    """The outcome of certifying one input. `prediction == ABSTAIN` means no certificate."""
+    """The outcome of certifying one input. `prediction == ABSTAIN` means no certificate.
+
+    `extra` is free-form; the driver writes two of its keys to the output file when present:
+    `pa_lower` (the lower confidence bound on the selected class's probability behind `radius`)
+    and `stop` (why sampling ended, e.g. "budget", "settled", "skipped").
+    """
 
     prediction: int
     radius: float
-    count_top: int  # samples of the estimation stage that voted for `prediction`
+    count_top: int  # samples of the estimation stage that voted for the selected class
     n: int  # samples drawn in the estimation stage
     n0: int  # samples drawn in the selection stage
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +93,13 @@ class Certificate:
     def abstained(self) -> bool:
         return self.prediction == ABSTAIN
 
+    @classmethod
+    def skipped(cls, selected: int, n0: int) -> Certificate:
+        """The official evaluation's shortcut: the selected class is not the label, so the
+        estimation stage is skipped. Certified accuracy is unchanged (the row is wrong either
+        way); the row keeps the selected class, radius 0 and n = 0."""
+        return cls(selected, 0.0, 0, 0, n0, {"stop": "skipped"})
+
 
 @dataclass(frozen=True)
 class CertifyRequest:
@@ -93,11 +107,11 @@ class CertifyRequest:
 
     sigma: float
     alpha: float
-    n0: int
+    n0: int  # samples of the selection stage
     n: int  # the sample budget of the estimation stage
     radii: Sequence[float] = ()  # the radii a report will use (sequential certifiers stop on them)
-    # When set, a certifier may skip estimation once the selected class differs from the label
-    # (the official evaluation's shortcut; certified accuracy is unchanged).
+    # When set, a certifier should return `Certificate.skipped` once the selected class differs
+    # from the label (the official evaluation's shortcut; certified accuracy is unchanged).
     label: int | None = None
 
 
@@ -106,7 +120,8 @@ class Certifier(Protocol):
     """Decides how many samples to draw and turns class counts into a certified radius.
 
     `certify` must hold with probability at least 1 - alpha: if it returns class c with radius
-    r > 0, the smoothed classifier g predicts c everywhere within L2 distance r of the input.
+    r >= 0, the smoothed classifier g predicts c everywhere within L2 distance r of the input.
+    `predict` returns g's prediction, or ABSTAIN, and is wrong with probability at most alpha.
     """
 
     name: str
@@ -117,4 +132,53 @@ class Certifier(Protocol):
 
 
 class CertifierFactory(Protocol):
+    """Builds a certifier from the recipe's `certify.options` (keyword arguments)."""
+
     def __call__(self, **options: Any) -> Certifier: ...
+
+
+# -- checking a plugin against its contract ---------------------------------------------------
+def _binds(fn: Any, *args: Any, **kwargs: Any) -> str | None:
+    """None if `fn` accepts these arguments, else why not."""
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as exc:
+        return str(exc)
+    except ValueError:  # no signature to inspect (some builtins): assume it fits
+        return None
+    return None
+
+
+def contract_problems(kind: str, obj: Any) -> list[str]:
+    """What is wrong with plugin `obj` of `kind` ("backbone", "dataset", "certifier")."""
+    if not callable(obj):
+        return [f"expected a callable factory, got {type(obj).__name__}"]
+    if kind == "backbone":
+        why = _binds(obj, img_size=224, patch_size=16, in_chans=3)
+        return [f"factory(*, img_size, patch_size, in_chans, **overrides): {why}"] if why else []
+    if kind == "dataset":
+        why = _binds(obj, "train", root=None, image_size=32, augment=False)
+        return [f"factory(split, *, root, image_size, augment, **options): {why}"] if why else []
+    if kind == "certifier":
+        return _certifier_problems(obj)
+    raise ValueError(f"unknown plugin kind {kind!r}")  # our bug, not the plugin's
+
+
+def _certifier_problems(factory: Any) -> list[str]:
+    why = _binds(factory)
+    if why:
+        return [f"factory(**options) must work with no options: {why}"]
+    try:
+        certifier = factory()
+    except Exception as exc:  # a plugin's own failure: report it, never propagate it
+        return [f"factory() raised {type(exc).__name__}: {exc}"]
+    problems = []
+    if not isinstance(getattr(certifier, "name", None), str):
+        problems.append("has no `name` string")
+    for method in ("certify", "predict"):
+        fn = getattr(certifier, method, None)
+        if not callable(fn):
+            problems.append(f"has no `{method}(counts, request)` method")
+        elif why := _binds(fn, lambda num: None, None):
+            problems.append(f"`{method}(counts, request)`: {why}")
+    return problems

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from dmae_cli.api import contract_problems
 from dmae_cli.errors import UserError
 
 try:  # Python >= 3.10 has a stdlib version, the backport follows the newest API.
@@ -57,10 +58,18 @@ class PluginEntry:
         return f"{self.distribution}:{self.name}"
 
     def load(self) -> Any:
+        """Import the plugin and check it against its contract (both once); raise on failure."""
         if not self._loaded:
-            self._obj = self.loader()
-            self._loaded = True
+            obj = self.loader()
+            problems = contract_problems(self.kind, obj)
+            if problems:
+                raise ContractError(f"violates the {self.kind} contract: {'; '.join(problems)}")
+            self._obj, self._loaded = obj, True
         return self._obj
+
+
+class ContractError(Exception):
+    """A plugin loaded but does not implement its contract (see `dmae_cli.api`)."""
 
 
 def allowed_distributions() -> set[str] | None:
@@ -145,8 +154,7 @@ class Registry(Generic[T]):
             return entry.load()
         except Exception as exc:  # a broken plugin must never take the CLI down with it
             raise UserError(
-                f"{self.kind} '{name}' from {entry.distribution} failed to load: "
-                f"{type(exc).__name__}: {exc}"
+                f"{self.kind} '{name}' from {entry.distribution} {describe_failure(exc)}"
             ) from exc
 
     def load_all(self) -> dict[str, T]:
@@ -157,12 +165,19 @@ class Registry(Generic[T]):
                 loaded[entry.qualified_name] = entry.load()
             except Exception as exc:
                 warnings.warn(
-                    f"{self.kind} plugin '{entry.name}' from {entry.distribution} failed to load: "
-                    f"{type(exc).__name__}: {exc}",
+                    f"{self.kind} plugin '{entry.name}' from {entry.distribution} "
+                    f"{describe_failure(exc)}",
                     PluginWarning,
                     stacklevel=2,
                 )
         return loaded
+
+
+def describe_failure(exc: BaseException) -> str:
+    """'failed to load: ImportError: ...' or 'violates the ... contract: ...'."""
+    if isinstance(exc, ContractError):
+        return str(exc)
+    return f"failed to load: {type(exc).__name__}: {exc}"
 
 
 backbones: Registry[Any] = Registry("backbone", "dmae.backbones")

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from dmae_cli import registry
+from dmae_cli.api import contract_problems
 from dmae_cli.errors import UserError
 from dmae_cli.registry import PluginWarning, Registry
 
@@ -96,11 +97,56 @@ def test_builtin_only_hides_third_party(third_party: Path, monkeypatch: pytest.M
     assert "vit_extra" in Registry("backbone", "dmae.backbones").names()
 
 
+class FakeCertifier:
+    """Abstains always."""
+
+    name = "fake"
+
+    def certify(self, counts, request):
+        return None
+
+    def predict(self, counts, request):
+        return -1
+
+
 def test_add_and_remove_in_code() -> None:
     reg = Registry("certifier", "dmae.certifiers")
-    reg.add("fake", object)
+    reg.add("fake", FakeCertifier)
     try:
-        assert reg.get("fake") is object
+        assert reg.get("fake") is FakeCertifier
     finally:
         reg.remove("fake")
     assert "fake" not in reg.names()
+
+
+def test_a_plugin_that_breaks_its_contract_is_reported() -> None:
+    class NoPredict:
+        name = "half"
+
+        def certify(self, counts, request):
+            return None
+
+    reg = Registry("certifier", "dmae.certifiers")
+    reg.add("half", NoPredict, distribution="dmae-half")
+    with pytest.raises(UserError) as err:
+        reg.get("half")
+    assert str(err.value) == (
+        "certifier 'half' from dmae-half violates the certifier contract: "
+        "has no `predict(counts, request)` method"
+    )
+    with pytest.warns(PluginWarning, match="half.*violates"):
+        loaded = reg.load_all()
+    assert "dmae:cohen" in loaded  # the others still load
+
+
+@pytest.mark.parametrize(
+    ("kind", "obj", "problem"),
+    [
+        ("backbone", lambda size: None, "factory(*, img_size, patch_size, in_chans, **overrides)"),
+        ("dataset", lambda: None, "factory(split, *, root, image_size, augment, **options)"),
+        ("certifier", lambda level: None, "factory(**options) must work with no options"),
+        ("certifier", 42, "expected a callable factory, got int"),
+    ],
+)
+def test_contract_problems_name_the_contract(kind: str, obj: object, problem: str) -> None:
+    assert contract_problems(kind, obj)[0].startswith(problem)
