@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -261,9 +262,59 @@ def build_classifier(meta: dict[str, Any], drop_path: float = 0.0) -> Classifier
         **{
             **meta.get("backbone_options", {}),
             "num_classes": meta["num_classes"],
-            "global_pool": "avg",
+            "global_pool": meta.get("global_pool", "avg"),  # "token" for a linear probe
             "drop_path_rate": drop_path,
         },
     )
+    if meta.get("head_batchnorm", False):  # linear probe as MAE: BatchNorm without affine
+        vit.head = nn.Sequential(
+            nn.BatchNorm1d(vit.head.in_features, affine=False, eps=1e-6), vit.head
+        )
     adapter = InputAdapter(meta["input_size"], meta["image_size"], meta["mean"], meta["std"])
     return Classifier(vit, adapter)
+
+
+# -- a fine-tuned classifier from its checkpoint ---------------------------------------------
+CLASSIFIER_META = (
+    "backbone",
+    "image_size",
+    "patch_size",
+    "input_size",
+    "channels",
+    "mean",
+    "std",
+    "num_classes",
+    "sigma",
+)
+
+
+def load_classifier(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Classifier, dict[str, Any]]:
+    """A classifier written by `dmae finetune`, in eval mode on `device`, and its meta.
+
+    The checkpoint describes its own model (`meta`), so nothing else is needed; any file that
+    is not such a classifier fails with one `UserError` line saying what it is instead.
+    """
+    from dmae_cli import checkpoint
+    from dmae_cli.errors import UserError
+
+    state = checkpoint.load_checkpoint(path)
+    meta = state.get("meta")
+    wanted = "a classifier from 'dmae finetune' (runs/<name>/finetune/sigma-<s>/best.pth)"
+    if not isinstance(meta, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"{path}: not a dmae checkpoint (no self-description); expected {wanted}")
+    if meta.get("stage") != "finetune":
+        raise UserError(f"{path}: a {meta.get('stage', 'unknown')} checkpoint; expected {wanted}")
+    absent = [key for key in CLASSIFIER_META if key not in meta]
+    if absent:
+        raise UserError(f"{path}: classifier checkpoint lacks {', '.join(absent)} in its meta")
+    model = build_classifier(meta)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(
+            f"{path}: weights do not match the model its meta describes ({first})"
+        ) from exc
+    return model.to(device).eval(), meta
