@@ -1,0 +1,487 @@
+"""The certification stage: which model, which examples, where the rows go, and resuming.
+
+`run_certify(recipe)` is what `dmae certify` calls. For each sigma of `recipe.certify` it loads
+the fine-tuned classifier (`certify.checkpoint`, else runs/<name>/finetune/sigma-<s>/best.pth,
+else last.pth), selects examples of the split (`start`, `end`, `interval`, `max_examples`)
+and certifies each one with the certifier plugin named by the recipe, which draws noisy copies
+through `Sampler`. It writes, into runs/<name>/certify/:
+
+  sigma-<s>.tsv    one row per example, sorted by idx: Cohen's columns `idx label predict
+                   radius correct time` (time in seconds), then `count_top n n0 certifier
+                   pa_lower stop`, the raw counts from which a radius can be recomputed
+  sigma-<s>.json   the header: checkpoint sha256, sigma, n0, n, alpha, seed, certifier,
+                   data fingerprint and package versions
+
+Rows are appended and flushed as they finish, so an interruption loses at most the examples
+in progress, and running the same command again skips the finished indices (after checking
+that the header matches). Under torchrun the examples still to do are dealt round-robin to the
+ranks; rank 0 appends to the TSV, rank r > 0 to `sigma-<s>.tsv.part<r>`, and rank 0 merges,
+sorts and removes the parts once every rank is done. Each example's noise comes from its own
+generator, so the merged file is the one a single process writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from rich.progress import TextColumn
+
+from dmae_cli import __version__, checkpoint, distributed, registry, ui
+from dmae_cli.api import Certificate, Certifier, CertifyRequest, DatasetInfo
+from dmae_cli.errors import UserError
+from dmae_cli.interrupt import GracefulStop, Interrupted
+from dmae_cli.models import load_classifier
+from dmae_cli.pretrain import load_dataset
+from dmae_cli.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
+from dmae_cli.sampler import Sampler, example_generator
+from dmae_cli.train import resolve_device
+
+COLUMNS = (
+    "idx", "label", "predict", "radius", "correct", "time",
+    "count_top", "n", "n0", "certifier", "pa_lower", "stop",
+)  # fmt: skip
+FORMAT = "dmae-certify/1"
+# Header keys that change what a row means; a resumed file must agree on all of them. Batch
+# size, device and precision change which noise is drawn, not the validity of a row; the split
+# is named by its fingerprint ("val" and "test" are one split).
+MATCHING = (
+    "format", "sigma", "n0", "n", "alpha", "seed", "certifier", "certifier_options",
+    "radii", "skip_wrong", "checkpoint_sha256", "dataset", "data_fingerprint",
+)  # fmt: skip
+MODEL_FILES = ("best.pth", "last.pth")
+
+
+# -- rows -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One certified example, as a line of the TSV."""
+
+    idx: int
+    label: int
+    predict: int
+    radius: float
+    correct: int
+    time: float
+    count_top: int
+    n: int
+    n0: int
+    certifier: str
+    pa_lower: float | None
+    stop: str
+
+    @classmethod
+    def of(cls, idx: int, label: int, cert: Certificate, seconds: float, name: str) -> Row:
+        pa_lower = cert.extra.get("pa_lower")
+        return cls(
+            idx, label, cert.prediction, float(cert.radius), int(cert.prediction == label),
+            seconds, cert.count_top, cert.n, cert.n0, name,
+            None if pa_lower is None else float(pa_lower), str(cert.extra.get("stop", "")),
+        )  # fmt: skip
+
+    def line(self) -> str:
+        # Floats as repr: exact, so `radius >= r` reads back as it was computed (Cohen's
+        # 3-digit rounding can lift 0.2499 to 0.25).
+        pa = "" if self.pa_lower is None else repr(self.pa_lower)
+        fields = (
+            self.idx, self.label, self.predict, repr(self.radius), self.correct,
+            f"{self.time:.3f}", self.count_top, self.n, self.n0, self.certifier, pa, self.stop,
+        )  # fmt: skip
+        return "\t".join(map(str, fields)) + "\n"
+
+    @classmethod
+    def parse(cls, line: str) -> Row:
+        f = line.rstrip("\n").split("\t")
+        if len(f) != len(COLUMNS):
+            raise ValueError(f"expected {len(COLUMNS)} fields, got {len(f)}")
+        return cls(
+            int(f[0]), int(f[1]), int(f[2]), float(f[3]), int(f[4]), float(f[5]),
+            int(f[6]), int(f[7]), int(f[8]), f[9], float(f[10]) if f[10] else None, f[11],
+        )  # fmt: skip
+
+
+HEADER_LINE = "\t".join(COLUMNS) + "\n"
+
+
+def read_lines(path: Path) -> dict[int, str]:
+    """The complete rows of a TSV by idx; a torn last line (a crash mid-write) is ignored."""
+    if not path.is_file():
+        return {}
+    *lines, _torn = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[0] + "\n" != HEADER_LINE:
+        raise UserError(f"{path}: not a dmae certification file (unexpected column header)")
+    rows: dict[int, str] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            rows.setdefault(Row.parse(line).idx, line + "\n")
+        except ValueError as exc:
+            raise UserError(f"{path}, line {number}: malformed row ({exc})") from None
+    return rows
+
+
+def open_for_append(path: Path) -> Any:
+    """Open a row file for appending: drop a partial last line, write the column header."""
+    if path.is_file():
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            with path.open("r+b") as f:
+                f.truncate(keep)
+    fresh = not path.is_file() or path.stat().st_size == 0
+    f = path.open("a", encoding="utf-8")
+    if fresh:
+        f.write(HEADER_LINE)
+        f.flush()
+    return f
+
+
+def part_path(tsv: Path, rank: int) -> Path:
+    return tsv if rank == 0 else tsv.with_name(f"{tsv.name}.part{rank}")
+
+
+def parts(tsv: Path) -> list[Path]:
+    return sorted(tsv.parent.glob(f"{tsv.name}.part*"))
+
+
+def merge(tsv: Path) -> dict[int, str]:
+    """Fold the part files into the TSV, sorted by idx, atomically; returns the rows."""
+    rows = read_lines(tsv)
+    for part in parts(tsv):
+        for idx, line in read_lines(part).items():
+            rows.setdefault(idx, line)
+    text = HEADER_LINE + "".join(rows[idx] for idx in sorted(rows))
+    checkpoint.atomic_write_text(tsv, text)
+    for part in parts(tsv):
+        part.unlink()
+    return rows
+
+
+# -- what to certify with ------------------------------------------------------------------
+def select_indices(cfg: CertifyConfig, size: int, split: str) -> list[int]:
+    """start, start + interval, ... below end, at most max_examples of them."""
+    end = size if cfg.end is None else cfg.end
+    if cfg.start >= size or end > size:
+        raise UserError(
+            f"certify.start={cfg.start} / certify.end={cfg.end} outside the {split} split, "
+            f"which has {size} examples"
+        )
+    if end <= cfg.start:
+        raise UserError(f"certify.end={cfg.end} must be larger than certify.start={cfg.start}")
+    indices = list(range(cfg.start, end, cfg.interval))
+    return indices[: cfg.max_examples] if cfg.max_examples is not None else indices
+
+
+def build_certifier(cfg: CertifyConfig) -> Certifier:
+    """The certifier plugin named by the recipe, built with `certify.options`."""
+    entry = registry.certifiers.entry(cfg.certifier)
+    factory = registry.certifiers.get(cfg.certifier)
+    try:
+        certifier = factory(**cfg.options)
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"certifier '{cfg.certifier}' rejected its options {cfg.options}: {exc}"
+        ) from exc
+    if not isinstance(certifier, Certifier):
+        raise UserError(
+            f"certifier '{cfg.certifier}' from {entry.distribution} does not implement the "
+            f"Certifier contract (name, certify, predict) of dmae_cli.api"
+        )
+    return certifier
+
+
+def model_path(recipe: Recipe, sigma: float) -> Path:
+    """`certify.checkpoint`, else the run's fine-tuned model for `sigma` (best, else last)."""
+    if recipe.certify.checkpoint:
+        return Path(recipe.certify.checkpoint)
+    run = recipe.stage_dir("finetune") / sigma_name(sigma)
+    for name in MODEL_FILES:
+        if (run / name).is_file():
+            return run / name
+    raise UserError(
+        f"no fine-tuned model for sigma {sigma}: {run / MODEL_FILES[0]} not found; run "
+        f"'dmae finetune' for this recipe and sigma first, or pass --checkpoint"
+    )
+
+
+def latest_model(runs_dir: Path, sigma: float) -> Path:
+    """The most recently written fine-tuned model for `sigma` under `runs_dir` (any run)."""
+    found = []
+    for run in runs_dir.glob(f"*/finetune/{sigma_name(sigma)}"):
+        files = [run / name for name in MODEL_FILES if (run / name).is_file()]
+        if files:
+            found.append(files[0])
+    if not found:
+        raise UserError(
+            f"no fine-tuned model for sigma {sigma} under {runs_dir}/*/finetune/; give a "
+            f"recipe (dmae certify recipes/digits.yaml --sigma {sigma}) or --checkpoint"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def resolve_recipe(path: Path | None, overrides: Sequence[str]) -> Recipe:
+    """The recipe `dmae certify` runs: the file given, or else that of the model it certifies.
+
+    Without a file, the model is `certify.checkpoint` or the latest fine-tuned one for the
+    first sigma under runs_dir, and the recipe is the `config.yaml` saved next to it (its run
+    directory pinned to where the model was found); a bare checkpoint gets the defaults with
+    the data set its meta names.
+    """
+    if path is not None:
+        return load_recipe(path, overrides)
+    base = load_recipe(None, overrides)
+    explicit = base.certify.checkpoint
+    model = Path(explicit) if explicit else latest_model(Path(base.runs_dir), base.certify.sigma[0])
+    # A found model lies at runs/<name>/finetune/sigma-<s>/: point the recipe there, so that
+    # every sigma's model and the output directory come from the same run.
+    found = [
+        f"runs_dir={json.dumps(str(model.parents[3]))}",
+        f"name={json.dumps(model.parents[2].name)}",
+    ]
+    pinned = [] if explicit else found
+    config = model.parent / "config.yaml"
+    if config.is_file():
+        return load_recipe(config, [*pinned, *overrides])
+    meta = checkpoint.load_checkpoint(model).get("meta") or {}
+    data = {"data.dataset": meta.get("dataset"), "data.image_size": meta.get("input_size")}
+    items = [f"{key}={json.dumps(value)}" for key, value in data.items() if value is not None]
+    return load_recipe(None, [*items, *pinned, *overrides])
+
+
+def load_model(
+    path: Path, info: DatasetInfo, dataset: str, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The classifier at `path`, checked against the data it is about to certify."""
+    model, meta = load_classifier(path, device)
+    shape = (meta["channels"], meta["input_size"], meta["num_classes"])
+    if shape != (info.channels, info.image_size, info.num_classes):
+        raise UserError(
+            f"{path}: the model takes {shape[0]}x{shape[1]}x{shape[1]} images of {shape[2]} "
+            f"classes, but dataset '{dataset}' has {info.channels}x{info.image_size}x"
+            f"{info.image_size} images of {info.num_classes} classes"
+        )
+    if meta.get("dataset") not in (None, dataset):
+        ui.info(f"note: {path} was fine-tuned on '{meta['dataset']}', certifying on '{dataset}'")
+    return model, meta
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- the header -----------------------------------------------------------------------------
+def make_header(
+    recipe: Recipe,
+    sigma: float,
+    model: Path,
+    certifier: Certifier,
+    sampler: Sampler,
+    info: DatasetInfo,
+) -> dict[str, Any]:
+    """What the rows of one TSV depend on, written next to it as sigma-<s>.json."""
+    import numpy
+    import scipy
+    import timm
+
+    cfg = recipe.certify
+    entry = registry.certifiers.entry(cfg.certifier)
+    return {
+        "format": FORMAT,
+        "columns": list(COLUMNS),
+        "sigma": sigma,
+        "n0": cfg.n0,
+        "n": cfg.n,
+        "alpha": cfg.alpha,
+        "seed": recipe.seed,
+        "certifier": certifier.name,
+        "certifier_plugin": f"{entry.distribution} {entry.version} ({entry.target})",
+        "certifier_options": dict(cfg.options),
+        "radii": list(cfg.radii),
+        "skip_wrong": cfg.skip_wrong,
+        "checkpoint": str(model),
+        "checkpoint_sha256": file_sha256(model),
+        "dataset": recipe.data.dataset,
+        "split": cfg.split,
+        "data_fingerprint": info.fingerprint,
+        "batch_size": cfg.batch_size,
+        "device": str(sampler.device),
+        "precision": recipe.precision,
+        "versions": {
+            "dmae": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "scipy": scipy.__version__,
+            "numpy": numpy.__version__,
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def check_header(path: Path, tsv: Path, header: dict[str, Any]) -> None:
+    """Refuse to resume rows certified under other settings (every rank checks the same)."""
+    if not path.is_file():
+        if read_lines(tsv) or parts(tsv):
+            raise UserError(
+                f"{tsv} exists without its header {path.name}; delete it to start over, "
+                f"or write elsewhere with --out"
+            )
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable header ({exc})") from None
+    new = json.loads(json.dumps(header))  # compare as stored: tuples become lists
+    for key in MATCHING:
+        if old.get(key) != new[key]:
+            raise UserError(
+                f"{tsv} holds results for {key}={old.get(key)!r}, this run has "
+                f"{header[key]!r}; delete {tsv.name} and {path.name} to start over, or write "
+                f"elsewhere with --out"
+            )
+
+
+# -- the run --------------------------------------------------------------------------------
+@dataclass
+class SigmaResult:
+    """What certifying one sigma produced; `rows` (the selected examples) only on rank 0."""
+
+    sigma: float
+    tsv: Path
+    header: Path
+    model: Path
+    rows: list[Row]
+    certified_now: int  # examples certified by this call, on this rank
+    samples: int  # noisy copies drawn by this call, on this rank
+    seconds: float
+
+    def accuracy(self, radius: float) -> float:
+        """Certified accuracy: the share of rows predicted correctly with radius >= `radius`."""
+        hits = sum(1 for r in self.rows if r.correct and r.radius >= radius)
+        return hits / len(self.rows) if self.rows else 0.0
+
+    def mean_samples(self) -> float:
+        return sum(r.n + r.n0 for r in self.rows) / len(self.rows) if self.rows else 0.0
+
+
+def run_certify(recipe: Recipe, out: Path | None = None) -> list[SigmaResult]:
+    """Certify the recipe's split at every sigma of `recipe.certify`; resumes what exists."""
+    cfg = recipe.certify
+    certifier = build_certifier(cfg)  # an unknown name fails before any model is loaded
+    device = resolve_device(recipe.device)
+    distributed.init_from_env(device)
+    dataset = load_dataset(recipe, cfg.split, augment=False)
+    indices = select_indices(cfg, len(dataset), cfg.split)
+    out_dir = Path(out) if out is not None else recipe.stage_dir("certify")
+    paths = {sigma: model_path(recipe, sigma) for sigma in cfg.sigma}  # all found, or none run
+    results = []
+    for sigma, path in paths.items():
+        model, meta = load_model(path, dataset.info, recipe.data.dataset, device)
+        if meta.get("sigma") not in (None, sigma):
+            ui.info(f"note: {path} was fine-tuned at sigma {meta['sigma']}, certifying at {sigma}")
+        sampler = Sampler(
+            model,
+            sigma=sigma,
+            num_classes=dataset.info.num_classes,
+            batch_size=cfg.batch_size,
+            device=device,
+            precision=recipe.precision,
+        )
+        header = make_header(recipe, sigma, path, certifier, sampler, dataset.info)
+        job = Job(recipe, sigma, sampler, certifier, dataset, header)
+        results.append(certify_sigma(job, indices, out_dir))
+    return results
+
+
+@dataclass
+class Job:
+    """Certifying one split at one sigma: what `certify_sigma` needs besides the indices."""
+
+    recipe: Recipe
+    sigma: float
+    sampler: Sampler
+    certifier: Certifier
+    dataset: Any
+    header: dict[str, Any]
+
+    def row(self, idx: int) -> Row:
+        """Certify example `idx` with noise from its own generator."""
+        cfg = self.recipe.certify
+        image, label = self.dataset[idx]
+        label = int(label)
+        request = CertifyRequest(
+            self.sigma, cfg.alpha, cfg.n0, cfg.n, cfg.radii, label if cfg.skip_wrong else None
+        )
+        generator = example_generator(self.recipe.seed, idx, self.sampler.device)
+        tick = time.perf_counter()
+        cert = self.certifier.certify(self.sampler.counts(image, generator), request)
+        return Row.of(idx, label, cert, time.perf_counter() - tick, self.certifier.name)
+
+
+def certify_sigma(job: Job, indices: list[int], out_dir: Path) -> SigmaResult:
+    """Certify the examples of `indices` not in the TSV yet; merge; return the selection."""
+    tsv = out_dir / f"{sigma_name(job.sigma)}.tsv"
+    head = tsv.with_suffix(".json")
+    check_header(head, tsv, job.header)
+    done = set(read_lines(tsv)).union(*(read_lines(p) for p in parts(tsv)))
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not head.is_file():
+            checkpoint.atomic_write_text(head, json.dumps(job.header, indent=2) + "\n")
+    distributed.barrier()  # every rank has read `done` before any rank appends
+    todo = [i for i in indices if i not in done]
+    rank, world = distributed.rank(), distributed.world_size()
+    if done and todo:
+        ui.info(f"{tsv}: resuming, {len(indices) - len(todo)} of {len(indices)} already done")
+    start, drawn = time.perf_counter(), job.sampler.drawn
+    with open_for_append(part_path(tsv, rank)) as rows:
+        _certify_each(job, todo[rank::world], -(-len(todo) // world), rows, tsv)
+    seconds = time.perf_counter() - start
+    distributed.barrier()  # every part is complete
+    selected: list[Row] = []
+    if distributed.is_main():
+        merged = merge(tsv)
+        selected = [Row.parse(merged[i]) for i in indices if i in merged]
+    distributed.barrier()  # nobody starts the next sigma (or exits) while rank 0 merges
+    mine = len(todo[rank::world])
+    model = Path(job.header["checkpoint"])
+    return SigmaResult(
+        job.sigma, tsv, head, model, selected, mine, job.sampler.drawn - drawn, seconds
+    )
+
+
+def _certify_each(job: Job, indices: list[int], steps: int, rows: Any, tsv: Path) -> None:
+    """Certify, append and flush each example; stop cleanly on SIGINT/SIGTERM.
+
+    Every rank takes `steps` steps (one more than its share when the split is uneven) because
+    asking whether any rank was interrupted is a collective under torchrun.
+    """
+    speed = TextColumn("{task.fields[speed]}")
+    started, drawn = time.perf_counter(), job.sampler.drawn
+    with ui.progress(speed) as bar, GracefulStop() as stop:
+        task = bar.add_task(f"certify {sigma_name(job.sigma)}", total=len(indices), speed="")
+        for step in range(steps):
+            if step < len(indices):
+                rows.write(job.row(indices[step]).line())
+                rows.flush()
+                rate = (job.sampler.drawn - drawn) / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=1, speed=f"{rate:,.0f} noisy/s")
+            signum = stop.requested()
+            if signum and step + 1 < steps:
+                raise Interrupted(
+                    f"interrupted; the finished examples are kept in {tsv.parent}; run the "
+                    f"same command again to resume",
+                    signum,
+                )

@@ -1,0 +1,57 @@
+"""The certifier of the paper: Cohen, Rosenfeld & Kolter (ICML 2019), PAPER.md §3."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from scipy.stats import binomtest
+
+from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, CountsFn
+from dmae_plugins.certifiers._bounds import cp_lower, gaussian_radius
+
+
+class Cohen:
+    """Cohen et al. 2019 (the paper's): Clopper-Pearson CERTIFY, binomial-test PREDICT.
+
+    CERTIFY(f, sigma, x, n0, n, alpha):
+      1. cA = the most frequent class among n0 noisy copies (selection; these counts are then
+         discarded, so the estimate below is independent of the choice).
+      2. nA = votes for cA among n fresh noisy copies.
+      3. pA_lower = the one-sided (1 - alpha) Clopper-Pearson lower bound of nA / n.
+      4. pA_lower < 1/2: abstain; else predict cA with radius sigma * PhiInverse(pA_lower).
+    Guarantee: with probability >= 1 - alpha over the noise, a returned (cA, r) is right:
+    the smoothed classifier predicts cA within L2 radius r of x (Cohen et al., Theorem 1).
+
+    PREDICT(f, sigma, x, n, alpha): the two most frequent classes on n copies, nA and nB
+    votes; abstain unless the two-sided binomial test of nA out of nA + nB at p = 1/2 has
+    p-value <= alpha. The answer differs from g(x) with probability at most alpha.
+
+    Reference: J. Cohen, E. Rosenfeld, Z. Kolter, "Certified Adversarial Robustness via
+    Randomized Smoothing", ICML 2019 (github.com/locuslab/smoothing, code/core.py).
+    """
+
+    name: ClassVar[str] = "cohen"
+
+    def certify(self, counts: CountsFn, request: CertifyRequest) -> Certificate:
+        n0, n = request.n0, request.n
+        selected = int(counts(n0).argmax())  # ties: the lowest class index, as numpy
+        if request.label is not None and selected != request.label:
+            return Certificate.skipped(selected, n0)
+        n_a = int(counts(n)[selected])
+        p_lower = cp_lower(n_a, n, request.alpha)
+        extra = {"pa_lower": p_lower, "stop": "budget"}
+        if p_lower < 0.5:
+            return Certificate(ABSTAIN, 0.0, n_a, n, n0, extra)
+        return Certificate(selected, gaussian_radius(request.sigma, p_lower), n_a, n, n0, extra)
+
+    def predict(self, counts: CountsFn, request: CertifyRequest) -> int:
+        votes = counts(request.n).tolist()
+        top = max(range(len(votes)), key=votes.__getitem__)  # ties: the lowest class index
+        n_a = votes[top]
+        n_b = max((v for c, v in enumerate(votes) if c != top), default=0)
+        if binomtest(n_a, n_a + n_b, 0.5).pvalue > request.alpha:
+            return ABSTAIN
+        return top
+
+    def __repr__(self) -> str:
+        return "Cohen()"
