@@ -1,0 +1,295 @@
+"""The report's formats: a `Report` as rich terminal tables, markdown, LaTeX, CSV or JSON,
+optionally beside the published rows of PAPER.md §4 (the comparison rows)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from rich.table import Table
+
+from dmae_cli.errors import UserError
+from dmae_cli.published import PublishedTable
+from dmae_cli.report import Point, Report, RunReport, Summary
+
+FORMATS = ("table", "markdown", "latex", "csv", "json")
+SUFFIX = {"markdown": ".md", "latex": ".tex", "csv": ".csv", "json": ".json"}
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def radius_label(radius: float) -> str:
+    return f"{radius:g}"
+
+
+def series_rows(report: Report) -> list[tuple[str, Summary | None, list[str], list[str]]]:
+    """(name, summary or None for an envelope, accuracy cells, interval cells) per table row."""
+    rows = []
+    for run in report.runs:
+        prefix = f"{run.run} " if len(report.runs) > 1 else ""
+        for s in run.summaries:
+            cells = [pct(p.accuracy) for p in s.points]
+            ci = [f"[{pct(p.low)}, {pct(p.high)}]" for p in s.points]
+            rows.append((f"{prefix}σ={s.sigma:g}", s, cells, ci))
+        if run.has_envelope:
+            cells = [f"{pct(e.point.accuracy)} (σ={e.sigma:g})" for e in run.envelope]
+            ci = [f"[{pct(e.point.low)}, {pct(e.point.high)}]" for e in run.envelope]
+            rows.append((f"{prefix}best over σ", None, cells, ci))
+    return rows
+
+
+def headline_rows(report: Report) -> list[tuple[str, list[float]]]:
+    """Our rows for a comparison: the envelope of each run (or its only sigma), in %."""
+    rows = []
+    for run in report.runs:
+        if run.has_envelope:
+            values = [100 * e.point.accuracy for e in run.envelope]
+            rows.append((f"ours: {run.run} (best over σ)", values))
+        else:
+            s = run.summaries[0]
+            rows.append((f"ours: {run.run} (σ={s.sigma:g})", [100 * p.accuracy for p in s.points]))
+    return rows
+
+
+def comparison_rows(report: Report, table: PublishedTable) -> list[tuple[str, str, list[str]]]:
+    """(method, params, cells at our radii) for the published rows, then ours; — where none."""
+    rows = []
+    for row in table.rows:
+        values = [row.at(r) for r in report.radii]
+        rows.append((row.method, row.params, ["—" if v is None else f"{v:.1f}" for v in values]))
+    for name, values in headline_rows(report):
+        rows.append((name, "", [f"{v:.1f}" for v in values]))
+    return rows
+
+
+def _summary_cells(s: Summary | None) -> list[str]:
+    if s is None:
+        return ["", "", "", ""]
+    return [str(s.examples), pct(s.abstention_rate), f"{s.acr:.3f}", pct(s.clean.accuracy)]
+
+
+SUMMARY_HEADS = ["examples", "abstained %", "ACR", "clean %"]
+
+
+def markdown(report: Report, compare: PublishedTable | None = None) -> str:
+    radii = [f"r={radius_label(r)}" for r in report.radii]
+    lines = [
+        "| | " + " | ".join(SUMMARY_HEADS + radii) + " |",
+        "|---" * (1 + len(SUMMARY_HEADS) + len(radii)) + "|",
+    ]
+    for name, s, cells, ci in series_rows(report):
+        values = [f"{c} {i}" for c, i in zip(cells, ci, strict=True)]
+        lines.append(f"| {name} | " + " | ".join(_summary_cells(s) + values) + " |")
+    lines += ["", _caption(report)]
+    if compare is not None:
+        lines += ["", f"**{compare.title}**", ""]
+        lines.append("| method | params | " + " | ".join(radii) + " |")
+        lines.append("|---" * (2 + len(radii)) + "|")
+        for method, params, cells in comparison_rows(report, compare):
+            lines.append(f"| {method} | {params} | " + " | ".join(cells) + " |")
+        lines += ["", f"Source: {compare.source}."]
+    return "\n".join(lines) + "\n"
+
+
+def _caption(report: Report) -> str:
+    level = f"{100 * (1 - report.ci_alpha):g}%"
+    text = (
+        f"Certified accuracy (%) at L2 radius r; [{level} Clopper-Pearson interval]. "
+        "ACR: average certified radius; clean: approximate certified accuracy at r = 0."
+    )
+    if report.alpha is not None:
+        text += f" Radii recomputed at alpha = {report.alpha:g}."
+    return text
+
+
+def _tex(text: str) -> str:
+    for old, new in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_")):
+        text = text.replace(old, new)
+    for old, new in (("#", r"\#"), ("σ", r"$\sigma$"), ("—", "--")):
+        text = text.replace(old, new)
+    return text
+
+
+def latex(report: Report, compare: PublishedTable | None = None) -> str:
+    radii = [f"${radius_label(r)}$" for r in report.radii]
+    heads = ["", *(_tex(h) for h in SUMMARY_HEADS), *radii]
+    lines = [
+        r"\begin{tabular}{l" + "r" * (len(heads) - 1) + "}",
+        r"\toprule",
+        " & ".join(heads) + r" \\",
+        r"\midrule",
+    ]
+    for name, s, cells, ci in series_rows(report):
+        values = [f"{_tex(c)} {{\\scriptsize {i}}}" for c, i in zip(cells, ci, strict=True)]
+        lines.append(" & ".join([_tex(name), *_summary_cells(s), *values]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", "% " + _caption(report)]
+    if compare is not None:
+        lines += ["", r"\begin{tabular}{ll" + "r" * len(radii) + "}", r"\toprule"]
+        lines.append(" & ".join(["method", "params", *radii]) + r" \\")
+        lines.append(r"\midrule")
+        for method, params, cells in comparison_rows(report, compare):
+            lines.append(" & ".join(_tex(x) for x in (method, params, *cells)) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}", f"% Source: {compare.source}"]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = [
+    "run",
+    "series",
+    "sigma",
+    "file",
+    "radius",
+    "certified_accuracy",
+    "ci_low",
+    "ci_high",
+    "certified",
+    "examples",
+    "abstention_rate",
+    "acr",
+    "clean_accuracy",
+]
+
+
+def csv_text(report: Report, compare: PublishedTable | None = None) -> str:
+    """Long format, one row per (series, radius); accuracies as fractions in [0, 1]."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for run in report.runs:
+        for s in run.summaries:
+            common = {"run": run.run, "series": "sigma", **_summary_fields(s)}
+            for p in s.points:
+                writer.writerow({**common, **_point_fields(p)})
+        for e in run.envelope if run.has_envelope else ():
+            fields = {"run": run.run, "series": "envelope", "sigma": e.sigma}
+            writer.writerow({**fields, **_point_fields(e.point), "examples": e.point.total})
+    for row in compare.rows if compare is not None else ():
+        for r in report.radii:
+            value = row.at(r)
+            if value is not None:
+                writer.writerow(
+                    {"run": row.method, "series": f"published:{compare.name}", "radius": r}
+                    | {"certified_accuracy": round(value / 100, 6)}  # 54.3 / 100 != 0.543
+                )
+    return buffer.getvalue()
+
+
+def _summary_fields(s: Summary) -> dict[str, Any]:
+    return {
+        "file": str(s.results.path),
+        "sigma": s.sigma,
+        "examples": s.examples,
+        "abstention_rate": s.abstention_rate,
+        "acr": s.acr,
+        "clean_accuracy": s.clean.accuracy,
+    }
+
+
+def _point_fields(p: Point) -> dict[str, Any]:
+    return {
+        "radius": p.radius,
+        "certified_accuracy": p.accuracy,
+        "ci_low": p.low,
+        "ci_high": p.high,
+        "certified": p.certified,
+    }
+
+
+def json_text(report: Report, compare: PublishedTable | None = None) -> str:
+    """Everything, accuracies as fractions in [0, 1]; published numbers as printed (%)."""
+    data: dict[str, Any] = {
+        "radii": list(report.radii),
+        "ci_alpha": report.ci_alpha,
+        "alpha": report.alpha,
+        "runs": [_run_json(run) for run in report.runs],
+    }
+    if compare is not None:
+        data["compare"] = {
+            "table": compare.name,
+            "title": compare.title,
+            "source": compare.source,
+            "rows": [
+                {
+                    "method": row.method,
+                    "params": row.params,
+                    "reference": row.reference,
+                    "accuracy_percent": [row.at(r) for r in report.radii],
+                }
+                for row in compare.rows
+            ],
+        }
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _run_json(run: RunReport) -> dict[str, Any]:
+    files = [
+        {**_summary_fields(s), "certified": [_point_fields(p) for p in s.points]}
+        for s in run.summaries
+    ]
+    best = [{**_point_fields(e.point), "sigma": e.sigma} for e in run.envelope]
+    return {"run": run.run, "files": files, "envelope": best if run.has_envelope else None}
+
+
+def rich_tables(report: Report, compare: PublishedTable | None = None) -> list[Table]:
+    """Terminal layout: one table per run with a row per radius and a column per sigma
+    (narrow enough for a terminal), then the comparison in the paper's layout."""
+    tables = [_rich_run(report, run) for run in report.runs]
+    if compare is not None:
+        table = Table(title=compare.title, caption=f"Source: {compare.source}")
+        table.add_column("method")
+        table.add_column("params")
+        for r in report.radii:
+            table.add_column(f"r={radius_label(r)}", justify="right")
+        rows = comparison_rows(report, compare)
+        last_published = len(compare.rows) - 1
+        for i, (method, params, cells) in enumerate(rows):
+            style = "bold" if i > last_published else None  # ours, below the published rows
+            table.add_row(method, params, *cells, style=style, end_section=i == last_published)
+        tables.append(table)
+    return tables
+
+
+def _rich_run(report: Report, run: RunReport) -> Table:
+    level = f"{100 * (1 - report.ci_alpha):g}%"
+    table = Table(
+        title=f"{run.run}: certified accuracy (%)",
+        caption=f"[dim]in brackets: {level} Clopper-Pearson interval[/]",
+    )
+    table.add_column("radius", justify="right")
+    for s in run.summaries:
+        table.add_column(f"σ={s.sigma:g}", justify="right")
+    if run.has_envelope:
+        table.add_column("best (σ)", justify="right", style="bold")
+    for i, r in enumerate(report.radii):
+        cells = [_rich_cell(s.points[i]) for s in run.summaries]
+        if run.has_envelope:
+            e = run.envelope[i]
+            cells.append(f"{pct(e.point.accuracy)} ({e.sigma:g})")
+        table.add_row(radius_label(r), *cells, end_section=i == len(report.radii) - 1)
+    extra = [""] if run.has_envelope else []
+    table.add_row("clean", *[_rich_cell(s.clean) for s in run.summaries], *extra)
+    table.add_row("ACR", *[f"{s.acr:.3f}" for s in run.summaries], *extra)
+    table.add_row("abstained", *[f"{pct(s.abstention_rate)}%" for s in run.summaries], *extra)
+    table.add_row("examples", *[str(s.examples) for s in run.summaries], *extra)
+    return table
+
+
+def _rich_cell(p: Point) -> str:
+    return f"{pct(p.accuracy)} [dim]\\[{pct(p.low)}, {pct(p.high)}][/]"
+
+
+RENDERERS = {"markdown": markdown, "latex": latex, "csv": csv_text, "json": json_text}
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    aliases = {"md": "markdown", "tex": "latex", "rich": "table"}
+    formats = [aliases.get(f, f) for f in formats]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"--format {text!r}: choose from {', '.join(FORMATS)} (comma-separated)")
+    return list(dict.fromkeys(formats))
