@@ -21,6 +21,7 @@ from rich.table import Table
 
 from dmae_cli import __version__, registry, ui
 from dmae_cli.errors import UserError
+from dmae_cli.interrupt import Interrupted
 from dmae_cli.recipe import load_recipe
 
 app = typer.Typer(
@@ -59,12 +60,14 @@ def user_errors(command: F) -> F:
         except UserError as exc:
             if os.environ.get("DMAE_DEBUG"):
                 raise
-            ui.console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
+            ui.console.print(f"{_label(exc)} {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _label(exc: UserError) -> str:
+    return "[bold yellow]stopped:[/]" if isinstance(exc, Interrupted) else "[bold red]error:[/]"
 
 
 def _version(value: bool) -> None:
@@ -134,83 +137,539 @@ def pretrain(
     )
 
 
-def _not_yet(stage: str) -> None:
-    raise UserError(f"'dmae {stage}' is not available in dmae {__version__} yet")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @user_errors
-def finetune() -> None:
-    """Fine-tune the noise-robust base classifier (not available yet in this version).
+def finetune(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    sigma: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--sigma",
+            help="Noise level to train a model for (overrides finetune.sigma); repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            metavar="PATH|none",
+            help="Start from this checkpoint (ours, official DMAE/MAE, timm or .safetensors), "
+            "or 'none' for random weights (default: the recipe's pretrain run, last.pth).",
+            show_default=False,
+        ),
+    ] = None,
+    linear_probe: Annotated[
+        bool,
+        typer.Option(
+            "--linear-probe",
+            help="Train only a BatchNorm + linear head on the frozen encoder's cls token "
+            "(LARS, finetune.probe settings), into runs/<name>/linprobe/.",
+        ),
+    ] = False,
+    out: OutOpt = None,
+) -> None:
+    """Fine-tune the noise-robust base classifier, one model per sigma (PAPER.md §2).
 
-    Example: dmae finetune recipes/digits.yaml
+    Gaussian noise in pixel space plus consistency regularisation; evaluates clean and noisy
+    test accuracy every finetune.eval_every epochs. Each sigma writes
+    runs/<name>/finetune/sigma-<s>/ (config.yaml, metrics.jsonl, last.pth, best.pth by noisy
+    accuracy; with --out DIR, DIR/sigma-<s>/) and resumes automatically when run again.
+
+    Examples:
+
+      dmae finetune recipes/digits.yaml
+
+      dmae finetune recipes/vitb.yaml --sigma 0.5 --init /ckpt/dmae-base.pth
+
+      dmae finetune recipes/vitb.yaml --linear-probe
+
+      dmae finetune recipes/digits.yaml --init none --set finetune.consistency=false
     """
-    _not_yet("finetune")
+    from dmae_cli.finetune import run_finetune
+
+    items = list(overrides or [])
+    if sigma:
+        items.append(f"finetune.sigma={json.dumps(sigma)}")
+    if init is not None:
+        items.append(f"finetune.init={json.dumps(init)}")  # quoted: a path stays a string
+    if linear_probe:
+        items.append("finetune.linear_probe=true")
+    cfg = load_recipe(recipe, items)
+    for run in run_finetune(cfg, out=out):
+        best = run.best
+        if best:
+            ui.info(
+                f"sigma {run.sigma}: best noisy accuracy {best['acc_noisy']:.1%} "
+                f"(clean {best['acc_clean']:.1%}, epoch {best['epoch'] + 1}) -> "
+                f"{run.run_dir}/best.pth"
+            )
+        else:
+            ui.info(f"sigma {run.sigma}: outputs in {run.run_dir}/")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _opt(help_text: str, *names: str) -> Any:
+    return typer.Option(*names, help=help_text, show_default=False)
+
+
+@app.command(context_settings={"allow_extra_args": True})
 @user_errors
-def certify() -> None:
-    """Certify the smoothed classifier by randomized smoothing (not available yet in this version).
+def certify(
+    ctx: typer.Context,
+    recipe: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Recipe YAML file (default: the latest fine-tuned run under ./runs, with the "
+            "config.yaml saved next to its model).",
+            show_default=False,
+        ),
+    ] = None,
+    sigma: Annotated[
+        list[float] | None, _opt("Noise level(s): --sigma 0.25 0.5 (certify.sigma).", "--sigma")
+    ] = None,
+    n: Annotated[
+        int | None,
+        _opt("Estimation samples per image, the budget (certify.n).", "--n", "-n"),
+    ] = None,
+    n0: Annotated[int | None, _opt("Selection samples per image (certify.n0).")] = None,
+    alpha: Annotated[
+        float | None, _opt("Failure probability of each certificate (certify.alpha).")
+    ] = None,
+    certifier: Annotated[
+        str | None, _opt("Certifier plugin, e.g. cohen or sequential (certify.certifier).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, _opt("Noisy copies per forward pass (certify.batch_size).")
+    ] = None,
+    split: Annotated[
+        str | None, _opt("Split to certify: test (= val) or train (certify.split).")
+    ] = None,
+    interval: Annotated[
+        int | None, _opt("Every k-th example; the paper takes every 50th (certify.interval).")
+    ] = None,
+    max_examples: Annotated[
+        int | None, _opt("At most this many examples (certify.max_examples).")
+    ] = None,
+    start: Annotated[int | None, _opt("First example index (certify.start).")] = None,
+    end: Annotated[int | None, _opt("Stop before this example index (certify.end).")] = None,
+    skip_wrong: Annotated[
+        bool | None,
+        _opt(
+            "Skip estimation once the selected class is wrong, as the official evaluation; "
+            "certified accuracy is unchanged (certify.skip_wrong).",
+            "--skip-wrong/--no-skip-wrong",
+        ),
+    ] = None,
+    seed: Annotated[int | None, _opt("Seed of the noise (seed).")] = None,
+    checkpoint: Annotated[
+        Path | None,
+        _opt(
+            "Classifier to certify (default: runs/<name>/finetune/sigma-<s>/best.pth, else "
+            "last.pth) (certify.checkpoint).",
+            "--checkpoint",
+        ),
+    ] = None,
+    out: OutOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Certify the Gaussian-smoothed classifier by randomized smoothing (PAPER.md §3).
 
-    Example: dmae certify recipes/digits.yaml --sigma 0.5 --n 1000
+    Per example, n0 noisy copies select a class and n fresh copies bound its
+    probability; the certifier turns the bound into an L2 radius or abstains.
+    Writes runs/<name>/certify/sigma-<s>.tsv (Cohen's columns, then raw counts)
+    and sigma-<s>.json (checkpoint hash, settings, versions). Running the same
+    command again resumes; under torchrun the examples are split across ranks.
+    Options override the recipe's certify section (the key in parentheses).
+
+    Examples:
+
+      dmae certify --sigma 1.0 --n 100000
+
+      dmae certify recipes/digits.yaml --sigma 0.5 --n 1000
+
+      dmae certify recipes/digits.yaml --sigma 0.25 0.5 --certifier sequential
+
+      dmae certify recipes/vitb.yaml --sigma 0.5 --interval 50 --skip-wrong
+
+      torchrun --nproc_per_node 8 -m dmae_cli certify recipes/vitl.yaml --sigma 1.0
+
+    Under torchrun write -n, not --n, and --set certify.start=K, not --start: torchrun
+    takes those for abbreviations of its own options.
     """
-    _not_yet("certify")
+    from dmae_cli import distributed
+    from dmae_cli.certify import resolve_recipe, run_certify
+
+    path, sigmas = _recipe_and_sigmas(recipe, ctx.args, sigma or [])
+    flags = {
+        "certify.sigma": sigmas or None,
+        "certify.n": n,
+        "certify.n0": n0,
+        "certify.alpha": alpha,
+        "certify.certifier": certifier,
+        "certify.batch_size": batch_size,
+        "certify.split": split,
+        "certify.interval": interval,
+        "certify.max_examples": max_examples,
+        "certify.start": start,
+        "certify.end": end,
+        "certify.skip_wrong": skip_wrong,
+        "certify.checkpoint": None if checkpoint is None else str(checkpoint),
+        "seed": seed,
+    }
+    items = [
+        *(overrides or []),
+        *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None),
+    ]
+    cfg = resolve_recipe(path, items)
+    results = run_certify(cfg, out=out)
+    if distributed.is_main():
+        _show_certified(results, cfg.certify)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _show_certified(results: list[Any], cfg: Any) -> None:
+    """Certified accuracy by radius, one column per sigma (stdout); the files (stderr)."""
+    table = Table(title="certified accuracy (%)")
+    table.add_column("radius", justify="right")
+    for res in results:
+        table.add_column(f"sigma {res.sigma:g}", justify="right")
+    for r in cfg.radii:
+        table.add_row(f"{r:g}", *(f"{100 * res.accuracy(r):.1f}" for res in results))
+    table.add_section()
+    table.add_row("images", *(f"{len(res.rows)}" for res in results))
+    table.add_row("samples/image", *(f"{res.mean_samples():,.0f}" for res in results))
+    console = Console()
+    console.print(f"{cfg.certifier}: n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha:g}", highlight=False)
+    console.print(table)
+    for res in results:
+        ui.info(f"sigma {res.sigma:g}: {res.tsv} (header {res.header.name}); model {res.model}")
+
+
+def _recipe_and_sigmas(
+    recipe: Path | None, extra: list[str], sigmas: list[float]
+) -> tuple[Path | None, list[float]]:
+    """Click gives --sigma one value per use, so in `--sigma 0.25 0.5` the 0.5 arrives as a
+    positional argument (or as the recipe when none is given): numbers join the sigmas."""
+    path, more = None, []
+    for token in [*([str(recipe)] if recipe is not None else []), *extra]:
+        try:
+            value = float(token)
+        except ValueError:
+            value = None
+        if value is not None and not Path(token).is_file():
+            more.append(value)
+        elif path is None:
+            path = Path(token)
+        else:
+            raise UserError(f"unexpected argument '{token}' (one recipe file at most)")
+    if more and not sigmas:
+        raise UserError(
+            f"unexpected argument '{more[0]:g}'; noise levels follow --sigma, e.g. --sigma 0.25 0.5"
+        )
+    return path, [*sigmas, *more]
+
+
+@app.command()
 @user_errors
-def report() -> None:
-    """Certified-accuracy tables and curves (not available yet in this version).
+def report(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run directories (runs/<name>: every certify/sigma-*.tsv), certify "
+            "directories, or per-example TSV files (ours or Cohen et al.'s format).",
+            show_default=False,
+        ),
+    ],
+    radii: Annotated[
+        str,
+        typer.Option(help="Radii of the table: START:STOP:STEP (stop included) or a list 0,0.5,1."),
+    ] = "0:3:0.25",
+    sigma: Annotated[
+        float | None,
+        typer.Option(
+            help="Sigma of files that do not record it (no sigma column or JSON header); "
+            "otherwise taken from names such as sigma_0.50 or noise_0.25.",
+            show_default=False,
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="Recompute Cohen radii at confidence 1 - ALPHA from the files' raw counts.",
+            show_default=False,
+        ),
+    ] = None,
+    ci_alpha: Annotated[
+        float,
+        typer.Option(help="Two-sided Clopper-Pearson intervals at level 1 - CI_ALPHA."),
+    ] = 0.05,
+    formats: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            metavar="table,markdown,latex,csv,json",
+            help="What to print (or write with --out); default: the table, and with --out "
+            "also every file format.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write report.md/.tex/.csv/.json and curves.png/.pdf into this folder."),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Certified accuracy against radius, as PNG and PDF (e.g. curves.png)."),
+    ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            metavar="imagenet|cifar10",
+            help="Print the published rows of PAPER.md §4 beside ours, at the same radii.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Certified accuracy at each radius, ACR, abstentions, the envelope over sigma.
 
-    Example: dmae report runs/digits
+    Per file: certified accuracy (correct and radius >= r) with a Clopper-Pearson
+    interval, clean accuracy (r = 0), average certified radius, abstention rate;
+    per run: the best over sigma at each radius (as the published tables). A
+    malformed file stops with one line naming the file and the line.
+
+    Examples:
+
+      dmae report runs/digits
+
+      dmae report a.tsv b.tsv --radii 0:3:0.25 --format markdown,csv --plot c.png
+
+      dmae report runs/vitb --compare imagenet --out reports/vitb
+
+      dmae report noise_0.50.tsv --alpha 0.01
     """
-    _not_yet("report")
+    from dmae_cli.report import ReportOptions, parse_radii, run_report
+    from dmae_cli.report_formats import parse_formats
+
+    options = ReportOptions(
+        radii=parse_radii(radii),
+        sigma=sigma,
+        alpha=alpha,
+        ci_alpha=ci_alpha,
+        formats=tuple(parse_formats(formats)) if formats is not None else None,
+        out=out,
+        plot=plot,
+        compare=compare,
+    )
+    result = run_report(inputs, options)
+    for path in result.files:
+        ui.info(f"wrote {path}")
+
+
+@app.command()
+@user_errors
+def demo(
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            help="Recipe to run (default: recipes/digits.yaml here, else the copy shipped "
+            "with dmae).",
+            show_default=False,
+        ),
+    ] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """The whole pipeline on the bundled digits: pretrain, finetune, certify, report.
+
+    About ten minutes on two CPU cores; nothing is downloaded. Runs
+    recipes/digits.yaml (sigma 0.25 and 0.5, every second test image
+    certified) into runs/digits-demo/; shows each stage's progress and ends
+    with the report table, the pictures and a one-line summary. Running it
+    again resumes.
+
+    Examples:
+
+      dmae demo
+
+      dmae demo --set pretrain.epochs=20 --set finetune.epochs=20
+    """
+    from dmae_cli.demo import closing_lines, demo_recipe, run_demo
+
+    result = run_demo(demo_recipe(recipe, overrides or []))
+    for line in closing_lines(result):  # unwrapped, so that paths can be copied
+        ui.console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()
 @user_errors
 def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Import every plugin, check it against its contract, exit 1 if any fails.",
+        ),
+    ] = False,
 ) -> None:
     """List every registered backbone, dataset and certifier with where it comes from.
 
+    Each row shows the kind, name, providing distribution and its version, whether it is
+    built in or third-party, and the first line of its docstring (or why it failed to load).
     DMAE_PLUGINS=builtin restricts loading to dmae's own plugins; DMAE_PLUGINS=dist1,dist2 to
-    those distributions (plus dmae's).
+    those distributions (plus dmae's). Two plugins of one kind and name from different
+    distributions are marked; pick one with distribution:name.
 
-    Example: dmae plugins --json
+    Examples:
+
+      dmae plugins
+
+      dmae plugins --check
+
+      DMAE_PLUGINS=builtin dmae plugins --json
     """
-    rows = [_plugin_row(entry) for reg in registry.REGISTRIES.values() for entry in reg.entries()]
+    rows = [_plugin_row(entry, reg) for reg in registry.REGISTRIES.values() for entry in reg]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(title="dmae plugins")
-    for column in ("kind", "name", "distribution", "version", "origin", "description"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(
-            r["kind"],
-            r["name"],
-            r["distribution"],
-            r["version"],
-            r["origin"],
-            escape(r["description"]),
-        )
-    Console().print(table)
+    else:
+        table = Table(title="dmae plugins")
+        columns = ("kind", "name", "distribution", "version", "origin", "status", "description")
+        for column in columns:
+            table.add_column(column)
+        for r in rows:
+            status = "[green]ok[/]" if r["ok"] else "[red]failed[/]"
+            table.add_row(
+                r["kind"],
+                r["name"],
+                r["distribution"],
+                r["version"],
+                r["origin"],
+                status,
+                escape(r["description"]),
+            )
+        Console().print(table)
+    failed = [f"{r['kind']} {r['distribution']}:{r['name']}" for r in rows if not r["ok"]]
+    if check and failed:
+        ui.console.print(f"[bold red]{len(failed)} plugin(s) failed:[/] {', '.join(failed)}")
+        raise typer.Exit(1)
 
 
-def _plugin_row(entry: registry.PluginEntry) -> dict[str, str]:
+@app.command()
+@user_errors
+def shard(
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="A registered dataset (see dmae plugins), e.g. imagefolder.", show_default=False
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            metavar="PREFIX",
+            help="Shard prefix: writes PREFIX-000000.tar ... and PREFIX-manifest.json "
+            "(an existing directory gets DIR/<dataset>-<split>).",
+            show_default=False,
+        ),
+    ],
+    root: Annotated[
+        str | None, typer.Option("--root", help="The dataset's local directory (data.root).")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="train, test or val.")] = "train",
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size", min=1, help="Side the images are stored at (default: the dataset's)."
+        ),
+    ] = None,
+    max_count: Annotated[
+        int, typer.Option("--max-count", min=1, help="Most samples per shard.")
+    ] = 10_000,
+    max_size: Annotated[
+        str,
+        typer.Option("--max-size", help="Most bytes per shard, e.g. 1GB, 500MB, 2GiB or 1e9."),
+    ] = "1GB",
+    shuffle: Annotated[
+        bool | None,
+        typer.Option(
+            "--shuffle/--no-shuffle",
+            help="Write the samples in a seeded random order (default: on for the train split, "
+            "whose folders are sorted by class).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shuffle.")] = 0,
+    image_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="png (8-bit, lossless for 8-bit sources), jpeg (quality 95) or npy (float32, "
+            "bit-exact).",
+        ),
+    ] = "png",
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="Dataset option KEY=VALUE (data.options); repeatable."),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Processes decoding and encoding images.")
+    ] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace shards written with other settings.")
+    ] = False,
+) -> None:
+    """Write a dataset as webdataset tar shards plus a manifest, for the webdataset dataset.
+
+    Each sample is the image (PNG by default) and its class label, exactly as the dataset
+    delivers it without augmentation. Running the same command again after an interruption
+    resumes after the last finished shard.
+
+    Examples:
+
+      dmae shard imagefolder --root /data/imagenet --out /shards/in1k-train --workers 8
+
+      dmae shard imagefolder --root /data/imagenet --split val --out /shards/in1k-val
+
+      dmae shard digits --out shards/digits-train --max-count 200
+
+    Then train with --set data.dataset=webdataset --set data.root=/shards
+    """
+    from dmae_cli.shard import ShardConfig, parse_options, parse_size, run_shard, summary
+
+    cfg = ShardConfig(
+        dataset=dataset,
+        out=out,
+        root=root,
+        split=split,
+        image_size=image_size,
+        max_count=max_count,
+        max_size=parse_size(max_size),
+        shuffle=shuffle,
+        seed=seed,
+        format=image_format,
+        options=parse_options(option or []),
+        workers=workers,
+        overwrite=overwrite,
+    )
+    for line in summary(run_shard(cfg)):
+        ui.info(line)
+
+
+def _plugin_row(entry: registry.PluginEntry, reg: registry.Registry[Any]) -> dict[str, Any]:
+    ok = True
     try:
         doc = (entry.load().__doc__ or "").strip().splitlines()
         description = doc[0] if doc else ""
     except Exception as exc:  # report, never crash: one broken plugin must not hide the others
-        description = f"failed to load: {type(exc).__name__}: {exc}"
+        ok, description = False, registry.describe_failure(exc)
+    duplicate = sum(e.name == entry.name for e in reg) > 1
     return {
         "kind": entry.kind,
-        "name": entry.name,
+        "name": entry.qualified_name if duplicate else entry.name,
         "distribution": entry.distribution,
         "version": entry.version,
         "origin": "built-in" if entry.builtin else "third-party",
+        "ok": ok,
         "description": description,
     }
 

@@ -46,6 +46,10 @@ def all_positive() -> dict[str, Any]:
     return _check(lambda v: len(v) > 0 and all(x > 0 for x in v), "one or more numbers > 0")
 
 
+def all_non_negative() -> dict[str, Any]:
+    return _check(lambda v: len(v) > 0 and all(x >= 0 for x in v), "one or more numbers >= 0")
+
+
 def half_open(lo: float, hi: float) -> dict[str, Any]:
     return _check(lambda v: lo <= v < hi, f"a number in [{lo}, {hi})")
 
@@ -154,16 +158,23 @@ class FinetuneConfig(OptimConfig):
 @dataclass(frozen=True)
 class CertifyConfig:
     sigma: tuple[float, ...] = field(default=(0.25,), metadata=all_positive())
-    certifier: str = "cohen"
-    n0: int = field(default=100, metadata=positive())
-    n: int = field(default=100_000, metadata=positive())
+    certifier: str = "cohen"  # a name in the `dmae.certifiers` registry
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the certifier factory
+    checkpoint: str | None = None  # None: runs/<name>/finetune/sigma-<s>/best.pth (or last.pth)
+    n0: int = field(default=100, metadata=positive())  # selection samples
+    n: int = field(default=100_000, metadata=positive())  # estimation samples (the budget)
     alpha: float = field(default=0.001, metadata=open_interval(0.0, 1.0))
-    batch_size: int = field(default=1000, metadata=positive())
+    batch_size: int = field(default=1000, metadata=positive())  # noisy copies per forward pass
     split: str = "test"
-    interval: int = field(default=1, metadata=positive())
+    start: int = field(default=0, metadata=non_negative())  # first example index
+    end: int | None = field(default=None, metadata=optional(positive()))  # exclusive; None: all
+    interval: int = field(default=1, metadata=positive())  # every k-th example (paper: 50)
     max_examples: int | None = field(default=None, metadata=optional(positive()))
     skip_wrong: bool = False  # the official evaluation's shortcut
-    radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+    radii: tuple[float, ...] = field(
+        default=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0),
+        metadata=all_non_negative(),
+    )
 
 
 @dataclass(frozen=True)
@@ -312,6 +323,9 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             raise fail("an integer")
         return value
     if tp is float:
+        if isinstance(value, str) and _looks_like_number(value):
+            # YAML 1.1 reads 4e-3 as a string; only 4.0e-3 is a float.
+            raise fail("a number (in YAML write exponents with a decimal point, e.g. 4.0e-3)")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise fail("a number")
         return float(value)
@@ -324,6 +338,14 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
     raise TypeError(
         f"recipe field {path} has an unsupported type {tp!r}"
     )  # our bug, not the user's
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _show(value: Any) -> str:

@@ -102,3 +102,11 @@ def test_stage_dir() -> None:
         "out/x/pretrain"
     )
     assert Recipe().stage_dir("certify") == Path("runs/run/certify")
+
+
+def test_yaml_exponent_without_a_point_gets_a_hint() -> None:
+    with pytest.raises(
+        RecipeError, match=r"finetune.blr: expected a number \(in YAML write exponents"
+    ):
+        load_recipe(None, ["finetune.blr=4e-3"])
+    assert load_recipe(None, ["finetune.blr=4.0e-3"]).finetune.blr == 4e-3

@@ -36,9 +36,10 @@ from dmae_cli.shard import (
     run_shard,
     sample_order,
 )
+from dmae_plugins.datasets._shard_stream import ShardError, ShardStream, apportion
 from dmae_plugins.datasets.digits import digits
 from dmae_plugins.datasets.imagefolder import imagefolder
-from dmae_plugins.datasets.webdataset import ShardError, ShardStream, apportion, webdataset
+from dmae_plugins.datasets.webdataset import webdataset
 
 runner = CliRunner()
 
