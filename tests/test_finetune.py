@@ -372,4 +372,5 @@ def test_random_augmentation_replaces_the_transform_of_large_images(tiny_recipe)
     image, _ = dataset[0]
     assert image.shape == (1, 64, 64)
     # Pixel space again, except the erased box: filled with N(0, 1) in normalised space.
-    assert image.median().abs() < 0.5 and (image.min() < 0 or image.max() > 1)
+    inside = ((image >= 0) & (image <= 1)).float().mean().item()
+    assert inside > 0.5 and (image.min() < 0 or image.max() > 1)
