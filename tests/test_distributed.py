@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -23,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, port: int, out: str) -> None:
+def worker(rank: int, port: int, out: str, data: list[str]) -> None:
     """One torchrun-like process: the environment torchrun would set, then the real stage."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -36,7 +37,7 @@ def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     recipe = load_recipe(
         "recipes/digits.yaml",
-        [*TINY_OVERRIDES, *EPOCHS, "pretrain.batch_size=32", f"runs_dir={out}"],
+        [*TINY_OVERRIDES, *EPOCHS, *data, "pretrain.batch_size=32", f"runs_dir={out}"],
     )
     result = run_pretrain(recipe, out=Path(out) / "ddp")
     # Only rank 0 writes the run; every rank reports its own live parameters and loss here.
@@ -46,8 +47,18 @@ def worker(rank: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+def shards_of_digits(tmp_path: Path) -> list[str]:
+    """The digits train split as webdataset shards of 200 samples: 8 shards, 4 per rank."""
+    from dmae_cli.shard import ShardConfig, run_shard
+
+    run_shard(ShardConfig("digits", out=str(tmp_path / "shards" / "digits-train"), max_count=200))
+    return ["data.dataset=webdataset", f"data.root={tmp_path / 'shards'}"]
+
+
+@pytest.mark.parametrize("source", ["map-style", "shards"])
+def test_two_process_gloo_matches_single_process(tmp_path: Path, source: str) -> None:
+    data = shards_of_digits(tmp_path) if source == "shards" else []
+    mp.spawn(worker, args=(free_port(), str(tmp_path), data), nprocs=2, join=True)
     outputs = {p.name for p in (tmp_path / "ddp").iterdir()}
     assert {"last.pth", "checkpoint-0003.pth", "metrics.jsonl", "config.yaml"} <= outputs
     assert not any(name.startswith(".") for name in outputs)  # no stray temporaries from rank 1
@@ -64,7 +75,7 @@ def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:
 
     single = load_recipe(
         "recipes/digits.yaml",
-        [*TINY_OVERRIDES, *EPOCHS, "pretrain.batch_size=64", f"runs_dir={tmp_path}"],
+        [*TINY_OVERRIDES, *EPOCHS, *data, "pretrain.batch_size=64", f"runs_dir={tmp_path}"],
     )
     reference = run_pretrain(single, out=tmp_path / "single").history[-1]["loss"]
     assert abs(losses[0] - reference) / reference < 0.10
