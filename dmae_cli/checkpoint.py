@@ -84,7 +84,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch words every weights-only failure alike; a disallowed global is the hostile case.
+        if "Unsupported global" in str(exc):
             raise UserError(
                 f"{path}: refused to load: the file contains objects other than tensors and plain "
                 f"data (a pickle that could run code); only weights are accepted"
