@@ -22,7 +22,6 @@ generator, so the merged file is the one a single process writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -273,14 +272,6 @@ def load_model(
     return model, meta
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # -- the header -----------------------------------------------------------------------------
 def make_header(
     recipe: Recipe,
@@ -311,7 +302,7 @@ def make_header(
         "radii": list(cfg.radii),
         "skip_wrong": cfg.skip_wrong,
         "checkpoint": str(model),
-        "checkpoint_sha256": file_sha256(model),
+        "checkpoint_sha256": checkpoint.file_sha256(model),
         "dataset": recipe.data.dataset,
         "split": cfg.split,
         "data_fingerprint": info.fingerprint,

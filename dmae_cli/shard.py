@@ -54,7 +54,7 @@ from rich.progress import TextColumn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from dmae_cli import __version__, registry, ui
-from dmae_cli.checkpoint import atomic_write_text
+from dmae_cli.checkpoint import atomic_write_text, file_sha256
 from dmae_cli.errors import UserError
 from dmae_cli.interrupt import GracefulStop, Interrupted
 
@@ -459,14 +459,6 @@ class AtomicShardWriter:
         self._file.close()
         Path(self._file.name).unlink(missing_ok=True)
         self._file = None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_shard(cfg: ShardConfig) -> ShardResult:

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from dmae_cli import checkpoint
 from dmae_cli.api import Certificate, CertifyRequest, CountsFn
-from dmae_cli.certify import COLUMNS, file_sha256, read_lines, run_certify, select_indices
+from dmae_cli.certify import COLUMNS, read_lines, run_certify, select_indices
+from dmae_cli.checkpoint import file_sha256
 from dmae_cli.cli import app
 from dmae_cli.errors import UserError
 from dmae_cli.interrupt import Interrupted
