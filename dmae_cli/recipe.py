@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -328,6 +329,8 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
             raise fail("a number (in YAML write exponents with a decimal point, e.g. 4.0e-3)")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise fail("a number")
+        if not math.isfinite(value):  # .nan or .inf would only fail later, deep in training
+            raise fail("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

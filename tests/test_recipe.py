@@ -110,3 +110,9 @@ def test_yaml_exponent_without_a_point_gets_a_hint() -> None:
     ):
         load_recipe(None, ["finetune.blr=4e-3"])
     assert load_recipe(None, ["finetune.blr=4.0e-3"]).finetune.blr == 4e-3
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    for text in (".nan", ".inf", "-.inf"):
+        with pytest.raises(RecipeError, match="pretrain.lr: expected a finite number"):
+            load_recipe(None, [f"pretrain.lr={text}"])
