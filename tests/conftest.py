@@ -33,3 +33,12 @@ def tiny_recipe(tmp_path):
         )
 
     return make
+
+
+def one_line_error(result) -> str:
+    """The CLI contract for a user mistake: exit code 2 and exactly one line on stderr."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]

@@ -29,6 +29,7 @@ from dmae_cli.recipe import Recipe, load_recipe, recipe_to_yaml
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
 from dmae_plugins.datasets.digits import train_statistics
+from tests.conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "digits.yaml")
@@ -215,13 +216,6 @@ def test_two_gloo_processes_write_the_single_process_file(runs: Path, tmp_path: 
 # -- the command line -----------------------------------------------------------------------
 def cli(*args: str):
     return runner.invoke(app, ["certify", *args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_cli_certifies_and_prints_the_table(runs: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmae_cli.cli import app
+from tests.conftest import one_line_error
 
 runner = CliRunner()
 
@@ -46,14 +47,6 @@ def test_python_dash_m_works() -> None:
         [sys.executable, "-m", "dmae_cli", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.startswith("dmae ")
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_missing_data_path_is_one_line(tmp_path: Path) -> None:

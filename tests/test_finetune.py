@@ -31,6 +31,7 @@ from dmae_cli.finetune import (
 from dmae_cli.models import DMAE, InputAdapter, build_backbone, build_classifier, load_classifier
 from dmae_cli.recipe import FinetuneConfig
 from dmae_cli.weights import load_encoder, resize_pos_embed
+from tests.conftest import one_line_error
 
 runner = CliRunner()
 
@@ -317,14 +318,6 @@ def test_linear_probe_trains_only_the_head(tiny_recipe, tmp_path: Path) -> None:
 
 
 # -- the command line ------------------------------------------------------------------------
-def one_line_error(result: Any) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 def test_cli_without_a_pretraining_run_says_what_to_do(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["finetune", "recipes/digits.yaml", "--set", f"runs_dir={tmp_path}"]

@@ -17,6 +17,7 @@ from dmae_cli.errors import UserError
 from dmae_cli.plots import curves_figure, save_curves
 from dmae_cli.report import build_report, parse_radii
 from dmae_cli.report_inputs import find_inputs, read_results, with_alpha
+from tests.conftest import one_line_error
 
 runner = CliRunner()
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
@@ -73,14 +74,6 @@ def cohen_pair(tmp_path: Path) -> list[Path]:
 
 def invoke(*args: str):
     return runner.invoke(app, ["report", *map(str, args)])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 # -- numbers ------------------------------------------------------------------------------------

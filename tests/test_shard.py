@@ -40,6 +40,7 @@ from dmae_plugins.datasets._shard_stream import ShardError, ShardStream, apporti
 from dmae_plugins.datasets.digits import digits
 from dmae_plugins.datasets.imagefolder import imagefolder
 from dmae_plugins.datasets.webdataset import webdataset
+from tests.conftest import one_line_error
 
 runner = CliRunner()
 
@@ -543,14 +544,6 @@ def test_interrupted_run_keeps_whole_shards_and_resumes_to_identical_shards(
 
 
 # -- the command line ----------------------------------------------------------------------------
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 def test_cli_writes_shards_and_says_where(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
