@@ -17,14 +17,12 @@ before it, or on a resume.
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from dmae_cli.api import CountsFn
-from dmae_cli.train import autocast_dtype
+from dmae_cli.train import autocast, autocast_dtype
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -80,13 +78,8 @@ class Sampler:
         for start in range(0, num, self.batch_size):
             size = min(self.batch_size, num - start)
             noise = torch.randn((size, *clean.shape[1:]), generator=generator, device=self.device)
-            with self._autocast():
+            with autocast(self.amp, self.device):
                 logits = self.model(noise.mul_(self.sigma).add_(clean))
             votes[start : start + size] = logits.argmax(dim=1)
         self.drawn += num
         return torch.bincount(votes, minlength=self.num_classes).cpu()
-
-    def _autocast(self) -> Any:
-        if self.amp is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp)

@@ -61,6 +61,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def autocast(dtype: torch.dtype | None, device: torch.device) -> Any:
+    """`torch.autocast` to `dtype` on `device`, or nothing when `dtype` is None (fp32)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def base_lr(cfg: OptimConfig) -> float:
     """The peak learning rate: `lr` if given, else the linear scaling rule blr * batch / 256."""
     if cfg.lr is not None:
@@ -279,7 +286,10 @@ class Trainer:
             batch = _to_device(batch, self.device)
             # DDP all-reduces gradients only on the micro-batch that completes an update.
             sync = (i + 1) % accum == 0 or not hasattr(self.model, "no_sync")
-            with self._autocast(), nullcontext() if sync else self.model.no_sync():
+            with (
+                autocast(self.amp_dtype, self.device),
+                nullcontext() if sync else self.model.no_sync(),
+            ):
                 loss = self.loss_fn(self.model, batch)
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
@@ -346,11 +356,6 @@ class Trainer:
             f"loss became {recent_sum} by update {update + 1} (epoch {epoch}); {kept}; "
             f"try a lower learning rate (blr={self.cfg.blr}) or set clip_grad"
         )
-
-    def _autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     # -- outputs -------------------------------------------------------------------------------
     def _finish_epoch(self, epoch: int, stats: dict[str, float]) -> None:
