@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -81,12 +82,7 @@ def naive(args: argparse.Namespace, model: nn.Module, data: torch.Tensor) -> flo
             x = image.to(args.device)
             naive_counts(model, x, n, args.batch_size, args.num_classes)
 
-    run(args.warmup)
-    _sync(args.device)
-    start = time.perf_counter()
-    run(args.n)
-    _sync(args.device)
-    return args.images * args.n / (time.perf_counter() - start)
+    return forward_passes_per_second(run, args)
 
 
 def ours(args: argparse.Namespace, model: nn.Module, data: torch.Tensor, precision: str) -> float:
@@ -105,6 +101,11 @@ def ours(args: argparse.Namespace, model: nn.Module, data: torch.Tensor, precisi
             counts = sampler.counts(image, example_generator(0, index, device))
             counts(n)
 
+    return forward_passes_per_second(run, args)
+
+
+def forward_passes_per_second(run: Callable[[int], None], args: argparse.Namespace) -> float:
+    """Time `run(n)` over every image after a `run(warmup)` that is not counted."""
     run(args.warmup)
     _sync(args.device)
     start = time.perf_counter()
