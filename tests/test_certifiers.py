@@ -21,7 +21,7 @@ from dmae_cli import registry
 from dmae_cli.api import ABSTAIN, Certificate, Certifier, CertifyRequest, CountsFn
 from dmae_plugins.certifiers._bounds import cp_lower, cp_upper, gaussian_radius, thresholds
 from dmae_plugins.certifiers.cohen import Cohen
-from dmae_plugins.certifiers.sequential import Sequential
+from dmae_plugins.certifiers.sequential import Sequential, chance_to_certify, votes_needed
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 BUILTIN = ("cohen", "sequential")
@@ -164,14 +164,57 @@ def test_skip_wrong_shortcut_stops_after_selection(name: str) -> None:
 
 
 def test_sequential_looks_are_geometric_and_end_at_the_budget() -> None:
-    assert Sequential().looks(1000) == [125, 250, 500, 1000]
-    assert Sequential().looks(100_000)[-3:] == [25_000, 50_000, 100_000]
+    assert Sequential(growth=2.0).looks(1000) == [125, 250, 500, 1000]
+    assert Sequential(growth=2.0).looks(100_000)[-3:] == [25_000, 50_000, 100_000]
     assert Sequential().looks(10) == [10]
     assert Sequential(first=10, growth=3.0).looks(100) == [12, 34, 100]
     with pytest.raises(ValueError, match="growth"):
         Sequential(growth=1.0)
     with pytest.raises(ValueError, match="first"):
         Sequential(first=0)
+    with pytest.raises(ValueError, match="last_share"):
+        Sequential(last_share=0.0)
+    with pytest.raises(ValueError, match="futility"):
+        Sequential(futility=1.0)
+
+
+@pytest.mark.parametrize(("looks", "share"), [(1, 0.8), (13, 0.8), (5, 0.5), (4, 1.0)])
+def test_sequential_levels_spend_exactly_alpha_and_most_of_it_last(
+    looks: int, share: float
+) -> None:
+    levels = Sequential(last_share=share).levels(0.001, looks)
+    assert len(levels) == looks and min(levels) >= 0
+    assert math.isclose(sum(levels), 0.001, rel_tol=1e-12)  # the union bound's total
+    assert levels[-1] == pytest.approx(0.001 if looks == 1 else 0.001 * share)
+
+
+@pytest.mark.parametrize(("n", "level", "threshold"), [(100, 0.01, 0.5), (1000, 1e-4, 0.9772)])
+def test_votes_needed_is_the_fewest_votes_whose_bound_reaches_the_threshold(
+    n: int, level: float, threshold: float
+) -> None:
+    k = votes_needed(n, level, threshold)
+    assert cp_lower(k, n, level) >= threshold > cp_lower(k - 1, n, level)
+    assert votes_needed(10, 1e-3, 0.9) == 11  # 10 of 10 is not enough: unreachable
+
+
+def test_chance_to_certify_matches_a_simulation_of_the_posterior_predictive() -> None:
+    n_a, drawn, n, level, threshold = 180, 200, 1000, 1e-3, 0.86
+    rng = np.random.default_rng(0)
+    p = rng.beta(n_a + 1, drawn - n_a + 1, size=200_000)  # the posterior under a uniform prior
+    votes = n_a + rng.binomial(n - drawn, p)
+    simulated = float(np.mean(votes >= votes_needed(n, level, threshold)))
+    assert chance_to_certify(n_a, drawn, n, level, threshold) == pytest.approx(simulated, abs=0.005)
+    assert chance_to_certify(n, n, n, level, 0.5) == 1.0
+
+
+def test_sequential_gives_up_early_on_an_input_just_below_a_threshold() -> None:
+    # pA = 0.83 sits below Phi(1) = 0.841 (radius 0.5 at sigma 0.5): cohen's n = 10,000 would
+    # not certify 0.5 either, so drawing the whole budget buys nothing.
+    rng = np.random.default_rng(0)
+    request = CertifyRequest(0.5, 0.001, 100, 10_000, radii=(0.25, 0.5, 0.75, 1.0))
+    certs = [Sequential().certify(synthetic((0.83, 0.17), rng), request) for _ in range(20)]
+    assert np.mean([c.n for c in certs]) < 0.3 * request.n
+    assert all(c.extra["stop"] == "futile" and 0.25 <= c.radius < 0.5 for c in certs)
 
 
 # -- simulated guarantees --------------------------------------------------------------------
