@@ -12,7 +12,7 @@ import io
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +93,96 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         # torch words every weights-only failure alike; a disallowed global is the hostile case.
         if "Unsupported global" in str(exc):
             raise UserError(
                 f"{path}: refused to load: the file contains objects other than tensors and plain "
                 f"data (a pickle that could run code); only weights are accepted"
             ) from exc
-        raise UserError(f"{path}: not a readable checkpoint ({text})") from exc
+        raise UserError(
+            f"{path}: not a readable checkpoint: cut short, damaged or not a PyTorch file "
+            f"({_load_failure(path, exc)})"
+        ) from exc
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     return state
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """What torch.load's error says, in a few words. Its own first line can be advice to load
+    with weights_only=False, which is exactly what must not be done with a stranger's file."""
+    text = str(exc)
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return detail.splitlines()[0] if detail else "not a pickle of weights"
+    if isinstance(exc, OSError) or "zip archive" in text:
+        return "its zip archive is incomplete or damaged"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+# -- fitting weights to a model ------------------------------------------------------------------
+MISMATCH_LIMIT = 4  # keys named per kind of mismatch; the rest are counted
+HEAD_SUFFIXES = ("head.weight", "head.bias")
+
+
+def state_mismatch(
+    model: Mapping[str, Any], weights: Mapping[str, Any], *, partial: bool = False
+) -> str:
+    """What keeps `weights` from loading into a model with state dict `model`, on one line.
+
+    Tensors of another shape come first, with both shapes (another width, patch size or class
+    count), then keys the checkpoint lacks and keys the model lacks, unless `partial` (weights
+    loaded non-strictly, where missing and extra keys are expected): only shapes then. "" when
+    they fit. Only the first few keys of each kind are named: a ViT-L against a ViT-B differs
+    in hundreds.
+    """
+    reshaped = [
+        key
+        for key, value in weights.items()
+        if key in model and torch.is_tensor(value) and value.shape != model[key].shape
+    ]
+    shapes = [
+        f"{key} {_shape(weights[key])} in the checkpoint, {_shape(model[key])} in the model"
+        for key in reshaped
+    ]
+    missing = [] if partial else [key for key in model if key not in weights]
+    unexpected = [] if partial else [key for key in weights if key not in model]
+    parts = []
+    if shapes:
+        parts.append(f"{_named(shapes)} differ in shape: {_listed(shapes)}")
+    if missing:
+        parts.append(f"{_named(missing)} missing from the checkpoint: {_listed(missing)}")
+    if unexpected:
+        parts.append(f"{_named(unexpected)} not in the model: {_listed(unexpected)}")
+    if reshaped and all(key.endswith(HEAD_SUFFIXES) for key in reshaped):
+        parts.append("the checkpoint was trained for another number of classes")
+    return "; ".join(parts)
+
+
+def load_exact(model: torch.nn.Module, weights: Mapping[str, Any], source: str, what: str) -> None:
+    """Load `weights` into `model`, every key and shape; otherwise one `UserError` line
+    "`source`: `what` (the mismatched keys)" instead of torch's multi-line report."""
+    problems = state_mismatch(model.state_dict(), weights)
+    if problems:
+        raise UserError(f"{source}: {what} ({problems})")
+    model.load_state_dict(weights)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _named(keys: list[str]) -> str:
+    return f"{len(keys)} tensor{'s' if len(keys) != 1 else ''}"
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MISMATCH_LIMIT])
+    more = len(keys) - MISMATCH_LIMIT
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 # -- random number generator state --------------------------------------------------------------

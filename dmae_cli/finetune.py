@@ -287,6 +287,14 @@ def resolve_init(recipe: Recipe) -> Path | None:
             )
         return path
     path = Path(init).expanduser()
+    if path.is_dir():  # a pretraining run directory: its latest checkpoint
+        if not (path / "last.pth").is_file():
+            raise UserError(
+                f"finetune.init: {path} is a directory without last.pth (no finished "
+                f"pretraining epoch there); run 'dmae pretrain' into it first, or pass a "
+                f"checkpoint file or --init none"
+            )
+        return path / "last.pth"
     if not path.is_file():
         raise UserError(f"finetune.init: {path}: checkpoint not found")
     return path
@@ -400,6 +408,7 @@ def finetune_sigma(
         checkpoint_meta=meta,
         on_checkpoint=keeper,
         description=f"{'linprobe' if probe else 'finetune'} {sigma_name(sigma)}",
+        section="finetune.probe" if probe else "finetune",
     )
     if trainer.resume():
         keeper.restore()

@@ -310,11 +310,7 @@ def load_classifier(
     if absent:
         raise UserError(f"{path}: classifier checkpoint lacks {', '.join(absent)} in its meta")
     model = build_classifier(meta)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UserError(
-            f"{path}: weights do not match the model its meta describes ({first})"
-        ) from exc
+    checkpoint.load_exact(
+        model, state["model"], str(path), "weights do not match the model its meta describes"
+    )
     return model.to(device).eval(), meta

@@ -92,6 +92,9 @@ def load_pretrained_into(model: DMAE, path: str | Path) -> None:
     """Start from a DMAE/MAE checkpoint (ours or the official layout, PAPER.md §5)."""
     state = checkpoint.load_checkpoint(path)
     weights = state.get("model", state)
+    if not isinstance(weights, dict):
+        raise UserError(f"{path}: not a DMAE/MAE checkpoint (its 'model' is not a state dict)")
+    weights = {k: v for k, v in weights.items() if torch.is_tensor(v)}
     if not any(k.startswith("encoder.") for k in weights):
         weights = {
             k if k.startswith(("decoder", "mask_token")) else f"encoder.{k}": v
@@ -104,14 +107,18 @@ def load_pretrained_into(model: DMAE, path: str | Path) -> None:
         for k, v in weights.items()
         if not k.endswith("pos_embed") and not k.startswith("adapter.")
     }
-    mismatched = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    if mismatched:
-        k = mismatched[0]
+    reshaped = {k: v for k, v in weights.items() if k in own and own[k].shape != v.shape}
+    if reshaped:
         raise UserError(
-            f"{path}: checkpoint does not match the model: '{k}' has shape "
-            f"{tuple(weights[k].shape)}, the model expects {tuple(own[k].shape)}"
+            f"{path}: checkpoint does not match the recipe's model "
+            f"({checkpoint.state_mismatch(own, reshaped, partial=True)})"
         )
     result = model.load_state_dict(weights, strict=False)
+    if len(weights) == len(result.unexpected_keys):
+        raise UserError(
+            f"{path}: no tensor of the checkpoint matches the DMAE model; pretrain.init takes a "
+            f"DMAE/MAE pre-training checkpoint (ours or the official layout)"
+        )
     missing = [
         k
         for k in result.missing_keys
@@ -171,9 +178,13 @@ def run_pretrain(
             "norm_pix_loss": p.norm_pix_loss,
         },
         description="pretrain",
+        section="pretrain",
     )
     if resume is not None and not trainer.resume(Path(resume)):
-        raise UserError(f"{resume}: nothing to resume (checkpoint not found)")
+        raise UserError(
+            f"{resume}: nothing to resume (checkpoint not found); --resume takes a last.pth or "
+            f"checkpoint-NNNN.pth of dmae pretrain"
+        )
     if resume is None:
         trainer.resume()
     history = trainer.fit(stop_after=stop_after)
@@ -219,10 +230,8 @@ def redraw_reconstructions(
     device = resolve_device(recipe.device)
     info = load_dataset(recipe, "test", augment=False).info
     model = build_dmae(recipe, info).to(device)
-    try:
-        model.load_state_dict(checkpoint.load_checkpoint(path, map_location=device)["model"])
-    except (KeyError, RuntimeError) as exc:
-        raise UserError(
-            f"{path}: does not match this recipe's model ({str(exc).splitlines()[0]})"
-        ) from exc
+    state = checkpoint.load_checkpoint(path, map_location=device)
+    if not isinstance(state.get("model"), dict):
+        raise UserError(f"{path}: not a dmae pretraining checkpoint (no 'model' weights)")
+    checkpoint.load_exact(model, state["model"], str(path), "does not match this recipe's model")
     return write_reconstructions(recipe, model, run_dir / "reconstructions.png", device)

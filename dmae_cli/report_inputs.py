@@ -123,8 +123,9 @@ def _parse_table(path: Path, text: str) -> tuple[list[str], dict[str, list[str]]
     missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise UserError(
-            f"{path}:{start + 1}: header lacks {', '.join(missing)}; expected tab-separated "
-            f"columns '{COHEN_HEADER}'"
+            f"{path}:{start + 1}: not a certification result of dmae certify or Cohen et al.'s "
+            f"certify.py: the header lacks {', '.join(missing)}; expected tab-separated columns "
+            f"'{COHEN_HEADER}'{_separator_hint(lines[start])}"
         )
     columns: dict[str, list[str]] = {name: [] for name in names}
     line_numbers = []
@@ -146,6 +147,16 @@ def _parse_table(path: Path, text: str) -> tuple[list[str], dict[str, list[str]]
     if not line_numbers:
         raise UserError(f"{path}:{start + 1}: a header but no examples")
     return names, columns, line_numbers
+
+
+def _separator_hint(header: str) -> str:
+    """Cohen's column names split by something other than tabs: say so."""
+    if "\t" in header:
+        return ""
+    for separator, name in ((",", "commas"), (";", "semicolons"), (" ", "spaces")):
+        if all(c in header.split(separator) for c in REQUIRED):
+            return f" (this header separates them by {name})"
+    return ""
 
 
 def _numbers(path: Path, name: str, values: list[str], lines: list[int], kind: type) -> np.ndarray:

@@ -6,6 +6,13 @@ e.g. layer decay), lr = blr * effective batch / 256 on a per-update warmup + cos
 (timm's `CosineLRScheduler`), gradient accumulation and clipping, bf16 autocast on CUDA, the
 progress bar, `metrics.jsonl`, atomic checkpoints and exact resume (model, optimizer, schedule
 position, epoch and every RNG).
+
+Numerical health. Every batch's loss and every update's gradient norm stay on the device
+(`EpochLog`) and are read back once per `log_every` updates, so a step costs no host sync. A
+non-finite loss or gradient norm stops training with the exact update, before the epoch's
+checkpoint is written, so `last.pth` stays the last good state. A gradient norm over
+`spike_factor` times its running average (`SpikeDetector`) is a spike: a warning line, and
+per epoch `grad_norm`, `grad_norm_max`, `grad_spikes` and `grad_spike_updates` in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.nn as nn
+from rich.markup import escape
 from rich.progress import TextColumn
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
@@ -36,10 +44,90 @@ from dmae_cli.recipe import DataConfig, OptimConfig
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 LAST = "last.pth"
+SPIKE_FACTOR = 5.0  # a gradient norm this many times the running average is a spike
+SPIKE_WARMUP = 20  # updates averaged before spikes are judged: early norms say little
+SPIKE_DECAY = 0.98  # memory of the running average: about 50 updates
+SPIKES_LISTED = 100  # spike updates listed per epoch in metrics.jsonl (all are counted)
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the gradient norm became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class SpikeDetector:
+    """Spots gradient-norm spikes: a norm above `factor` x the running average of earlier ones.
+
+    The first `warmup` norms only build the average (their plain mean); after that it is an
+    exponential moving average into which each norm enters capped at `factor` x the average,
+    so one spike barely moves it while a lasting change of scale is followed within tens of
+    updates. It lives as long as the trainer: a resumed run starts a fresh average.
+    """
+
+    factor: float = SPIKE_FACTOR
+    warmup: int = SPIKE_WARMUP
+    decay: float = SPIKE_DECAY
+    average: float = 0.0
+    seen: int = 0
+
+    def observe(self, norm: float) -> float | None:
+        """Take one finite gradient norm; its ratio to the running average if it is a spike."""
+        self.seen += 1
+        if self.seen <= self.warmup:
+            self.average += (norm - self.average) / self.seen
+            return None
+        ratio = norm / max(self.average, 1e-12)  # an all-zero history: any norm is a spike
+        capped = min(norm, self.factor * self.average)
+        self.average = self.decay * self.average + (1 - self.decay) * capped
+        return ratio if ratio > self.factor else None
+
+
+class EpochLog:
+    """One epoch's batch losses and update gradient norms, kept on the device.
+
+    Recording a value is a device-side copy, never a host sync; `read` fetches everything
+    recorded since the previous read in one transfer, at the trainer's log points. A resumed
+    epoch starts after `done` updates, with `loss_before` the loss sum of those.
+    """
+
+    def __init__(
+        self, updates: int, accum: int, device: torch.device, loss_before: float, done: int
+    ) -> None:
+        self.accum = accum
+        self.losses = torch.zeros(updates * accum, device=device)
+        self.norms = torch.zeros(updates, device=device)
+        self.loss_before = loss_before
+        self.read_to = done  # updates of this epoch already read (or done before a resume)
+        self.norm_values: list[float] = []  # every norm read so far, for the epoch's stats
+        self.spike_updates: list[int] = []
+
+    def add_loss(self, batch: int, loss: torch.Tensor) -> None:
+        self.losses[batch] = loss.detach().float()
+
+    def add_norm(self, update: int, norm: torch.Tensor) -> None:
+        self.norms[update] = norm.detach().float()
+
+    def loss_sum(self) -> torch.Tensor:
+        """The sum of the epoch's batch losses so far (a device tensor)."""
+        return self.losses.sum() + self.loss_before
+
+    def read(self, done: int) -> tuple[float, list[float], list[float]]:
+        """(loss sum so far, batch losses, gradient norms) of updates [read_to, done): one sync."""
+        first, k = self.read_to, self.accum
+        losses = self.losses[first * k : done * k]
+        packed = torch.cat([self.loss_sum().view(1), losses, self.norms[first:done]]).tolist()
+        self.read_to = done
+        return packed[0], packed[1 : 1 + len(losses)], packed[1 + len(losses) :]
+
+    def grad_stats(self) -> dict[str, Any]:
+        """What metrics.jsonl records of the epoch's gradient norms."""
+        norms = self.norm_values or [0.0]
+        return {
+            "grad_norm": sum(norms) / len(norms),
+            "grad_norm_max": max(norms),
+            "grad_spikes": len(self.spike_updates),
+            "grad_spike_updates": self.spike_updates[:SPIKES_LISTED],
+        }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,6 +247,8 @@ class Trainer:
     make_optimizer: Callable[[list[dict[str, Any]], float], torch.optim.Optimizer] | None = None
     log_every: int = 10  # optimizer updates between host syncs (loss check, display)
     description: str = "train"
+    section: str = ""  # the recipe section of `cfg` (e.g. "pretrain"), for hints in messages
+    spike_factor: float = SPIKE_FACTOR  # gradient norm / running average that counts as a spike
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -192,6 +282,7 @@ class Trainer:
         self.start_epoch = 0
         self.partial: dict[str, Any] | None = None  # where an interrupted epoch stopped
         self.history: list[dict[str, Any]] = []
+        self.spikes = SpikeDetector(factor=self.spike_factor)
 
     # -- resume --------------------------------------------------------------------------------
     def resume(self, path: Path | None = None) -> bool:
@@ -201,17 +292,30 @@ class Trainer:
             checkpoint.remove_stale_temporaries(self.run_dir)
         if not path.is_file():
             return False
-        state = checkpoint.load_checkpoint(path, map_location=self.device)
+        try:
+            state = checkpoint.load_checkpoint(path, map_location=self.device)
+        except UserError as exc:  # e.g. a disk fault: atomic writes never leave half a file
+            raise UserError(
+                f"{exc}; remove it to start the run afresh, or copy an earlier "
+                f"checkpoint-NNNN.pth over it to resume from there"
+            ) from exc
         missing = {"model", "optimizer", "epoch", "rng"} - state.keys()
         if missing:
-            raise UserError(f"{path}: not a resumable dmae checkpoint (missing {sorted(missing)})")
-        try:
-            _unwrap(self.model).load_state_dict(state["model"])
-        except RuntimeError as exc:
             raise UserError(
-                f"{path}: does not match this recipe's model ({_first_line(exc)})"
+                f"{path}: not a resumable dmae checkpoint (it lacks {', '.join(sorted(missing))}); "
+                f"resuming takes a last.pth or checkpoint-NNNN.pth of the same stage"
+            )
+        checkpoint.load_exact(
+            _unwrap(self.model), state["model"], str(path), "does not match this recipe's model"
+        )
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:  # torch words a mismatch as ValueError
+            raise UserError(
+                f"{path}: its optimizer state does not fit this run's parameter groups "
+                f"({_first_line(exc)}); were the optimisation settings changed? Start a new run "
+                f"directory (--out) to train with them"
             ) from exc
-        self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"]) + 1
         self.partial = state.get("position")
         self._restore_rng(state["rng"])
@@ -256,26 +360,38 @@ class Trainer:
                 ips=0.0,
                 completed=self.start_epoch * self.updates_per_epoch + done,
             )
-            for epoch in range(self.start_epoch, end):
-                stats = self._train_epoch(epoch, bar, task, stop)
-                if self.eval_fn is not None and (
-                    (epoch + 1) % self.eval_every == 0 or epoch + 1 == end
-                ):
-                    self.model.eval()
-                    stats |= self.eval_fn(_unwrap(self.model))
-                self._finish_epoch(epoch, stats)
+            try:
+                for epoch in range(self.start_epoch, end):
+                    stats = self._train_epoch(epoch, bar, task, stop)
+                    if self.eval_fn is not None and (
+                        (epoch + 1) % self.eval_every == 0 or epoch + 1 == end
+                    ):
+                        self.model.eval()
+                        stats |= self.eval_fn(_unwrap(self.model))
+                    self._finish_epoch(epoch, stats)
+            except UserError:
+                # The bar goes, so that the error stays one line (also in a log file, where
+                # rich would print the bar's last state when it stops).
+                bar.live.transient = True
+                raise
         return self.history
 
-    def _train_epoch(self, epoch: int, bar: Any, task: Any, stop: GracefulStop) -> dict[str, float]:
+    def _train_epoch(self, epoch: int, bar: Any, task: Any, stop: GracefulStop) -> dict[str, Any]:
         self.model.train()
         accum = self.cfg.accum_iter
         partial, self.partial = self.partial, None
         done0 = partial["updates_done"] if partial else 0
         set_epoch(self.loader, epoch, skip=done0 * accum * (self.loader.batch_size or 1))
         first_update = epoch * self.updates_per_epoch
-        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=self.device)
+        log = EpochLog(
+            self.updates_per_epoch,
+            accum,
+            self.device,
+            loss_before=partial["loss_sum"] if partial else 0.0,
+            done=done0,
+        )
         seen0 = seen = partial["seen"] if partial else 0
-        shown_sum, start = float(loss_sum), time.perf_counter()
+        start = time.perf_counter()
         skipped0 = getattr(self.loader.dataset, "skipped", None)  # corrupt images or shards
         self.optimizer.zero_grad(set_to_none=True)
         batches = _take(self.loader, (self.updates_per_epoch - done0) * accum)
@@ -292,19 +408,14 @@ class Trainer:
             ):
                 loss = self.loss_fn(self.model, batch)
                 (loss / accum).backward()
-            loss_sum += loss.detach().float()
+            log.add_loss(i, loss)
             seen += _batch_len(batch)
             if (i + 1) % accum:
                 continue
-            if self.cfg.clip_grad is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            log.add_norm(i // accum, self._step())
             done = update + 1 - first_update
             if done % self.log_every == 0 or done == self.updates_per_epoch:
-                total = loss_sum.item()  # one host sync per `log_every` updates
-                self._check_finite(total - shown_sum, update, epoch)
-                shown_sum = total
+                total = self._review(log, epoch, done)  # the one host sync per `log_every`
                 rate = (seen - seen0) * distributed.world_size() / (time.perf_counter() - start)
                 lr = self.optimizer.param_groups[0]["lr"]
                 bar.update(task, completed=update + 1, loss=total / (done * accum), lr=lr, ips=rate)
@@ -312,14 +423,16 @@ class Trainer:
             if done % self.log_every == 0 or not distributed.is_distributed():
                 signum = stop.requested()
                 if signum and done < self.updates_per_epoch:  # an epoch's end finishes normally
-                    self._save_interrupted(epoch, done, loss_sum, seen, signum)
-        mean_loss = distributed.all_reduce_mean(loss_sum / (self.updates_per_epoch * accum)).item()
+                    self._save_interrupted(epoch, done, log, seen, signum)
+        loss_sum = log.loss_sum() / (self.updates_per_epoch * accum)
+        mean_loss = distributed.all_reduce_mean(loss_sum).item()
         elapsed = time.perf_counter() - start
-        stats = {
+        stats: dict[str, Any] = {
             "loss": mean_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": (seen - seen0) * distributed.world_size() / elapsed,
             "epoch_time_s": elapsed,
+            **log.grad_stats(),
         }
         if skipped0 is not None:  # reported, never silent: a shrinking data set is news
             skipped = torch.tensor(
@@ -328,12 +441,60 @@ class Trainer:
             stats["skipped"] = int(distributed.all_reduce_mean(skipped) * distributed.world_size())
         return stats
 
+    def _step(self) -> torch.Tensor:
+        """Clip (when configured), step and zero the gradients; returns the gradient norm before
+        clipping, as a device tensor (reading it would cost a host sync)."""
+        if self.cfg.clip_grad is not None:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = nn.utils.get_total_norm(grads)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _review(self, log: EpochLog, epoch: int, done: int) -> float:
+        """Read the losses and gradient norms recorded since the last log point (one host
+        sync): stop at the first non-finite one, warn about spikes. Returns the loss sum."""
+        first = log.read_to  # update of this epoch that the new values start at
+        total, losses, norms = log.read(done)
+        base = epoch * self.updates_per_epoch + first
+        bad = _first_non_finite(losses)
+        if bad is not None:
+            self._diverged(f"loss became {losses[bad]}", base + bad // self.cfg.accum_iter, epoch)
+        bad = _first_non_finite(norms)
+        if bad is not None:
+            self._diverged(f"the gradient norm became {norms[bad]}", base + bad, epoch)
+        spikes = []
+        for j, norm in enumerate(norms):
+            ratio = self.spikes.observe(norm)
+            if ratio is not None:
+                spikes.append((base + j, norm, ratio))
+        log.norm_values += norms
+        log.spike_updates += [update + 1 for update, _, _ in spikes]
+        if spikes:
+            ui.info(f"[yellow]warning:[/] {escape(self._spike_message(spikes, epoch))}")
+        return total
+
+    def _spike_message(self, spikes: list[tuple[int, float, float]], epoch: int) -> str:
+        update, norm, ratio = max(spikes, key=lambda s: s[2])
+        several = f"{len(spikes)} gradient-norm spikes, the largest" if len(spikes) > 1 else ""
+        clip = self.cfg.clip_grad
+        clipped = (
+            f"clipped to {clip:g}"
+            if clip is not None
+            else f"not clipped ({self._key('clip_grad')} is unset)"
+        )
+        return (
+            f"{several or 'gradient-norm spike'} at update {update + 1} (epoch {epoch}): norm "
+            f"{norm:.3g}, {ratio:.1f}x the running average; {clipped}"
+        )
+
     def _save_interrupted(
-        self, epoch: int, done: int, loss_sum: torch.Tensor, seen: int, signum: int
+        self, epoch: int, done: int, log: EpochLog, seen: int, signum: int
     ) -> None:
         """Save the position inside the epoch with the last complete epoch, then stop."""
-        total = loss_sum.item()
-        self._check_finite(total, epoch * self.updates_per_epoch + done - 1, epoch)
+        total = self._review(log, epoch, done)
         position = {"epoch": epoch, "updates_done": done, "loss_sum": total, "seen": seen}
         rngs = distributed.gather_objects(checkpoint.rng_state())
         last = self.run_dir / LAST
@@ -345,20 +506,35 @@ class Trainer:
             signum,
         )
 
-    def _check_finite(self, recent_sum: float, update: int, epoch: int) -> None:
-        if math.isfinite(recent_sum):
-            return
+    def _diverged(self, what: str, update: int, epoch: int) -> NoReturn:
+        """Stop: `what` happened at `update` (0-based, over the run). Nothing of this epoch
+        has been written, so the checkpoint on disk is the last good state."""
         last = self.run_dir / LAST
-        kept = (
-            f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
-        )
+        if last.is_file():
+            kept = f"the last good checkpoint {last} is kept"
+            again = "and run the same command again to resume from it"
+        else:
+            kept, again = "no checkpoint was written yet", "and run again"
         raise TrainingDiverged(
-            f"loss became {recent_sum} by update {update + 1} (epoch {epoch}); {kept}; "
-            f"try a lower learning rate (blr={self.cfg.blr}) or set clip_grad"
+            f"{what} at update {update + 1} (epoch {epoch}); {kept}; {self._lower_lr()} {again}"
         )
 
+    def _lower_lr(self) -> str:
+        """The advice after a divergence, naming the recipe keys to change."""
+        if self.cfg.lr is not None:
+            lr = f"lower {self._key('lr')} (now {self.cfg.lr:g})"
+        else:
+            lr = f"lower {self._key('blr')} (now {self.cfg.blr:g}, peak lr {self.lr:.3g})"
+        clip = self.cfg.clip_grad
+        if clip is None:
+            return f"{lr} or set {self._key('clip_grad')} (e.g. 1.0)"
+        return f"{lr} or {self._key('clip_grad')} (now {clip:g})"
+
+    def _key(self, name: str) -> str:
+        return f"{self.section}.{name}" if self.section else name
+
     # -- outputs -------------------------------------------------------------------------------
-    def _finish_epoch(self, epoch: int, stats: dict[str, float]) -> None:
+    def _finish_epoch(self, epoch: int, stats: dict[str, Any]) -> None:
         record = {"epoch": epoch, "update": (epoch + 1) * self.updates_per_epoch, **stats}
         self.history.append(record)
         rngs = distributed.gather_objects(checkpoint.rng_state())  # every rank's own streams
@@ -420,6 +596,10 @@ def _batch_len(batch: Any) -> int:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def _first_non_finite(values: list[float]) -> int | None:
+    return next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
 
 
 def _first_line(exc: BaseException) -> str:

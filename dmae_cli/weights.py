@@ -112,24 +112,25 @@ def _depth(keys: Any) -> int:
 def _check_fits(weights: dict[str, torch.Tensor], vit: nn.Module, source: str) -> None:
     """One clear line when the checkpoint's architecture is not the model's."""
     own = vit.state_dict()
+    choose = "choose a recipe whose model matches the checkpoint (model.backbone/model.options)"
     width, own_width = _width(weights), _width(own)
     if width is not None and own_width is not None and width != own_width:
         raise UserError(
-            f"{source}: the checkpoint's encoder has width {width}, the model {own_width}; "
-            f"choose a recipe whose model matches the checkpoint (model.backbone/model.options)"
+            f"{source}: the checkpoint's encoder has width {width}, the model {own_width} "
+            f"({checkpoint.state_mismatch(own, weights, partial=True)}); {choose}"
         )
     depth, own_depth = _depth(weights), _depth(own)
     if depth and depth != own_depth:
         raise UserError(
             f"{source}: the checkpoint's encoder has {depth} blocks, the model {own_depth}; "
-            f"choose a recipe whose model matches the checkpoint (model.backbone/model.options)"
+            f"{choose}"
         )
-    for key, value in weights.items():
-        if key in own and own[key].shape != value.shape:
-            raise UserError(
-                f"{source}: '{key}' has shape {tuple(value.shape)}, the model expects "
-                f"{tuple(own[key].shape)} (patch size or channels differ from the recipe's model)"
-            )
+    reshaped = {k: v for k, v in weights.items() if k in own and own[k].shape != v.shape}
+    if reshaped:
+        raise UserError(
+            f"{source}: {checkpoint.state_mismatch(own, reshaped, partial=True)}; the patch "
+            f"size or the number of channels differs from the recipe's model"
+        )
 
 
 def load_encoder(vit: nn.Module, path: str | Path) -> LoadReport:

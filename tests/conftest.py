@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +44,56 @@ def one_line_error(result) -> str:
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.output
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: a second OpenMP thread costs more in synchronisation than it computes.
+
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_classifier_meta(width: int = 32, num_classes: int = 10, sigma: float = 0.5) -> dict:
+    """The self-description `dmae finetune` writes, for a tiny (depth 2) 16x16 digits model."""
+    from dmae_plugins.datasets.digits import train_statistics
+
+    mean, std = train_statistics(0)
+    return {
+        "backbone": "vit_tiny",
+        "backbone_options": {"embed_dim": width, "depth": 2, "num_heads": 2},
+        "image_size": 16,
+        "patch_size": 4,
+        "input_size": 16,
+        "channels": 1,
+        "mean": [mean],
+        "std": [std],
+        "num_classes": num_classes,
+        "class_names": [str(c) for c in range(num_classes)],
+        "dataset": "digits",
+        "data_fingerprint": "",
+        "sigma": sigma,
+        "stage": "finetune",
+    }
+
+
+def save_classifier(
+    path: Path,
+    sigma: float = 0.5,
+    num_classes: int = 10,
+    seed: int = 0,
+    width: int = 32,
+    **state: object,
+) -> Path:
+    """A tiny digits classifier saved as `dmae finetune` saves one (plus `state` entries)."""
+    from dmae_cli import checkpoint
+    from dmae_cli.models import build_classifier
+
+    meta = tiny_classifier_meta(width, num_classes, sigma)
+    torch.manual_seed(seed)
+    model = build_classifier(meta)
+    checkpoint.save_checkpoint(path, {"model": model.state_dict(), "meta": meta, **state})
+    return path

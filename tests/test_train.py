@@ -10,7 +10,7 @@ import torch
 from dmae_cli.checkpoint import load_checkpoint
 from dmae_cli.pretrain import run_pretrain
 from dmae_cli.recipe import DataConfig, OptimConfig
-from dmae_cli.train import Trainer, TrainingDiverged, base_lr, build_loader
+from dmae_cli.train import SpikeDetector, Trainer, TrainingDiverged, base_lr, build_loader
 
 
 def lr_curve(cfg: OptimConfig, n_items: int = 40) -> list[float]:
@@ -89,11 +89,68 @@ def test_two_epochs_equal_one_plus_resume_plus_one(tiny_recipe, tmp_path) -> Non
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe) -> None:
+    # The CLI's view (update number, the kept checkpoint, its contents): test_bad_inputs.py.
     recipe = tiny_recipe("pretrain.epochs=2", "pretrain.lr=1.0e+30", "pretrain.warmup_epochs=0")
     with pytest.raises(
-        TrainingDiverged, match="loss became nan by update .*try a lower learning rate"
+        TrainingDiverged,
+        match=r"(loss|gradient norm) became (nan|inf) at update \d+ \(epoch 0\); no checkpoint "
+        r"was written yet; lower pretrain.lr \(now 1e\+30\) or set pretrain.clip_grad",
     ):
         run_pretrain(recipe)
+
+
+# -- gradient-norm spikes --------------------------------------------------------------------
+def test_spike_detector_flags_a_jump_and_follows_a_lasting_change() -> None:
+    detector = SpikeDetector(factor=5.0, warmup=4, decay=0.9)
+    assert [detector.observe(n) for n in (2.0, 1.0, 3.0, 2.0)] == [None] * 4  # warm-up
+    assert detector.average == pytest.approx(2.0)
+    assert detector.observe(30.0) == pytest.approx(15.0)  # 15x the average: a spike
+    assert detector.average < 3.0  # entered capped at 5x: one spike barely moves the average
+    assert detector.observe(2.5) is None
+    # A lasting 4x change of scale is never a spike; the average follows it.
+    assert all(detector.observe(8.0) is None for _ in range(60))
+    assert detector.average == pytest.approx(8.0, rel=0.01)
+
+
+def spiky_trainer(tmp_path, spike_at: int, clip_grad: float | None) -> Trainer:
+    """A linear model on constant data (steady gradients) whose loss is scaled 1000x at one
+    update (1-based), so that exactly that update's gradient norm spikes."""
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.ones(64, 4), torch.zeros(64))
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        loss = ((model(batch[0]).squeeze(-1) - 5.0) ** 2).mean()
+        return loss * 1000 if len(calls) == spike_at else loss
+
+    cfg = OptimConfig(epochs=3, batch_size=4, lr=1e-4, warmup_epochs=0, clip_grad=clip_grad)
+    return Trainer(
+        torch.nn.Linear(4, 1),
+        loss_fn,
+        build_loader(data, DataConfig(), 4, 0),
+        cfg,
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        section="pretrain",
+    )
+
+
+@pytest.mark.parametrize("clip_grad", [None, 1.0])
+def test_a_gradient_norm_spike_is_logged_and_counted(tmp_path, capsys, clip_grad) -> None:
+    trainer = spiky_trainer(tmp_path, spike_at=30, clip_grad=clip_grad)  # epoch 1, update 14
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_spikes"] for r in records] == [0, 1, 0]
+    assert [r["grad_spike_updates"] for r in records] == [[], [30], []]
+    assert records[1]["grad_norm_max"] > 100 * records[0]["grad_norm_max"]
+    assert all(0 < r["grad_norm"] <= r["grad_norm_max"] for r in records)
+    err = capsys.readouterr().err
+    assert "warning: gradient-norm spike at update 30 (epoch 1): norm" in err
+    assert (
+        "clipped to 1" in err if clip_grad else "not clipped (pretrain.clip_grad is unset)" in err
+    )
+    assert err.count("gradient-norm spike") == 1
 
 
 def test_sigint_mid_epoch_saves_and_resumes_exactly(tiny_recipe, monkeypatch) -> None:

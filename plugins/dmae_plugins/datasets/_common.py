@@ -1,9 +1,10 @@
 """Helpers shared by the first-party dataset plugins.
 
 Every plugin must answer the same user mistakes the same way (a bad split name, an unknown
-option, a missing directory) and fingerprint its split the same way, so those rules live here
-once. The tensor helpers are the cheap augmentations the in-memory data sets share: they work on
-one (C, H, W) image and cost a few microseconds, which matters when a CPU run spends most of its
+option, a missing directory), count and report corrupt data the same way (`SkipCounter`,
+`DataError`) and fingerprint its split the same way, so those rules live here once. The tensor
+helpers are the cheap augmentations the in-memory data sets share: they work on one (C, H, W)
+image and cost a few microseconds, which matters when a CPU run spends most of its
 time in `__getitem__`.
 """
 
@@ -24,6 +25,48 @@ from dmae_cli.errors import UserError
 
 SPLITS = {"train": "train", "test": "test", "val": "test"}
 FINGERPRINT_CHARS = 16
+SKIP_SLOTS = 256  # one shared counter per DataLoader worker (mod SKIP_SLOTS): no lost updates
+
+
+# -- corrupt data ----------------------------------------------------------------------------
+class DataError(UserError):
+    """Corrupt data under `strict: true`: one line, even when raised in a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process as `type(exc)(message)`, where the
+    message is "Caught DataError in DataLoader worker process N.\\nOriginal Traceback ...";
+    keeping only the original last line is what lets the CLI print one line.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_original_message(message, type(self).__name__))
+
+
+def _original_message(message: str, name: str) -> str:
+    if not (message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    last = message.rstrip().splitlines()[-1]
+    raised, sep, original = last.partition(": ")
+    return original if sep and raised.endswith(name) else message
+
+
+class SkipCounter:
+    """How many corrupt items were skipped, in this process and in its DataLoader workers.
+
+    The counts live in shared memory, one slot per worker (the main process has its own), so
+    a worker's skips reach the trainer, which reports them in metrics.jsonl as `skipped`.
+    """
+
+    def __init__(self) -> None:
+        self._slots = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self) -> None:
+        worker = torch.utils.data.get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id % (SKIP_SLOTS - 1)
+        self._slots[slot] += 1
+
+    @property
+    def total(self) -> int:
+        return int(self._slots.sum())
 
 
 # -- arguments -------------------------------------------------------------------------------

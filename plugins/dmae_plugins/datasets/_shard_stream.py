@@ -60,6 +60,7 @@ from torch.utils.data import IterableDataset
 
 from dmae_cli.api import DatasetInfo
 from dmae_cli.errors import UserError
+from dmae_plugins.datasets._common import DataError, SkipCounter
 from dmae_plugins.datasets.imagefolder import DECODE_ERRORS
 
 NAME = "webdataset"  # the plugin, as messages name it
@@ -67,7 +68,6 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "npy")
 LABEL_KEY = "cls"
 MAX_EMPTY_DRAWS = 20  # resampled mode: unreadable shards in a row before giving up
 MAX_FAILURES = 1000  # undecodable samples in a row before giving up
-SKIP_SLOTS = 256  # one shared counter per DataLoader worker (mod SKIP_SLOTS): no lost updates
 # What reading a shard raises when it is missing, truncated or not a tar (a failing `pipe:`
 # command raises OSError when its stream is closed).
 READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -76,29 +76,14 @@ SAMPLE_ERRORS = (*DECODE_ERRORS, EOFError, KeyError)
 log = logging.getLogger("dmae_plugins.datasets.webdataset")  # one logger for the plugin
 
 
-class ShardError(UserError):
-    """A bad shard or sample in strict mode: one line, even after a DataLoader worker.
-
-    A worker's exception is re-raised in the main process as `type(exc)(message)`, where the
-    message is "Caught ShardError in DataLoader worker process N.\\nOriginal Traceback ...";
-    keeping only the original last line is what lets the CLI print one line.
-    """
-
-    def __init__(self, message: str = "") -> None:
-        super().__init__(_original_message(message))
+class ShardError(DataError):
+    """A bad shard or sample in strict mode, or data too broken to go on: one line, even
+    from inside a DataLoader worker."""
 
 
 class UnknownLength(UserError, TypeError):
     """`len()` of shards nobody counted. A TypeError too, so that `list(dataset)` (which asks
     for a length hint) still iterates, while `len(loader)` ends in one line, not a traceback."""
-
-
-def _original_message(message: str) -> str:
-    if not (message.startswith("Caught ") and "Original Traceback" in message):
-        return message
-    last = message.rstrip().splitlines()[-1]
-    name, sep, original = last.partition(": ")
-    return original if sep and name.endswith(ShardError.__name__) else message
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -173,7 +158,7 @@ class ShardStream(IterableDataset):
         self.batch_size: int | None = None
         # Shared memory: set_epoch reaches persistent workers, and workers' skips reach us.
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, skip
-        self._skips = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()
+        self._skips = SkipCounter()
 
     # -- what the trainer's loader uses ------------------------------------------------------
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -189,7 +174,7 @@ class ShardStream(IterableDataset):
     @property
     def skipped(self) -> int:
         """Corrupt samples and bad shards skipped so far, in this process and its workers."""
-        return int(self._skips.sum())
+        return self._skips.total
 
     def __len__(self) -> int:
         rank, world, _, _ = worker_info()
@@ -335,7 +320,7 @@ class ShardStream(IterableDataset):
                 yield sample
             empty = 0 if read else empty + 1
             if empty > MAX_EMPTY_DRAWS + 2 * len(self.urls):  # never loop forever on bad data
-                raise UserError(
+                raise ShardError(
                     f"dataset '{NAME}': {empty} shards in a row yielded no samples "
                     f"(last: {self.urls[index]!r}); are the shards readable?"
                 )
@@ -366,7 +351,7 @@ class ShardStream(IterableDataset):
                     continue
                 failures += 1
                 if failures >= MAX_FAILURES:  # systematic, not a few bad bytes
-                    raise UserError(
+                    raise ShardError(
                         f"dataset '{NAME}': {failures} samples in a row failed to decode "
                         f"(last in {sample.get('__url__')!r}); see the warnings above"
                     )
@@ -414,8 +399,7 @@ class ShardStream(IterableDataset):
     def _skip(self, message: str) -> None:
         if self.config.strict:
             raise ShardError(f"dataset '{NAME}': {message}")
-        _, _, worker, _ = worker_info()
-        self._skips[worker % SKIP_SLOTS] += 1
+        self._skips.add()
         log.warning("skipping: %s", message)
 
 

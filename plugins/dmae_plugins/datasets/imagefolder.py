@@ -10,9 +10,12 @@ image_size * 256 / 224 and a centre crop. Images are delivered in [0, 1] without
 the model normalises.
 
 A corrupt file is skipped by default: the item at its index becomes the next readable file
-(wrapping round), `skipped` counts the distinct files found bad, and a warning names each once.
-With `strict: true` the first corrupt file raises a `UserError` naming it instead. `skipped` is
-per process: with DataLoader workers each worker counts what it met.
+(wrapping round), `skipped` counts the files found bad, and a warning names each. Each process
+remembers the files it found bad, so a file is counted once per process that meets it (once
+per DataLoader worker; workers that persist across epochs count it once in all); the counts
+live in shared memory, so `skipped` includes what the workers met, and the trainer reports it
+in metrics.jsonl. With `strict: true` the first corrupt file raises one `UserError` line naming
+it instead, also from inside a DataLoader worker.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from torchvision.transforms import v2
 from dmae_cli.api import DatasetInfo
 from dmae_cli.errors import UserError
 from dmae_plugins.datasets._common import (
+    DataError,
+    SkipCounter,
     check_image_size,
     check_options,
     fingerprint,
@@ -151,8 +156,8 @@ class ImageFolder(Dataset):
         self.info = info
         self.transform = transform
         self.strict = strict
-        self.skipped = 0
-        self._bad: set[int] = set()
+        self._skips = SkipCounter()
+        self._bad: set[int] = set()  # per process: what this process (or worker) found bad
 
     def path(self, index: int) -> Path:
         """The file of item `index`."""
@@ -160,6 +165,11 @@ class ImageFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt files skipped so far, in this process and its DataLoader workers."""
+        return self._skips.total
 
     def _decode(self, index: int) -> Image.Image | None:
         """The RGB image at `index`, or None when the file cannot be decoded (and not strict)."""
@@ -169,9 +179,12 @@ class ImageFolder(Dataset):
                 return image.convert("RGB")  # convert() forces the full decode inside the try
         except DECODE_ERRORS as exc:
             if self.strict:
-                raise UserError(f"dataset '{NAME}': cannot decode image {path!r}: {exc}") from exc
+                raise CorruptImage(
+                    f"dataset '{NAME}': cannot decode image {path!r} ({_reason(exc, path)}); "
+                    f"remove or replace it, or drop option strict to skip corrupt images"
+                ) from exc
             self._bad.add(index)
-            self.skipped += 1
+            self._skips.add()
             log.warning("skipping unreadable image %s (%s)", path, exc)
             return None
 
@@ -184,7 +197,17 @@ class ImageFolder(Dataset):
             image = self._decode(candidate)
             if image is not None:
                 return self.transform(image), int(self.labels[candidate])
-        raise UserError(f"dataset '{NAME}': none of the {count} images could be decoded")
+        raise CorruptImage(f"dataset '{NAME}': none of the {count} images could be decoded")
+
+
+class CorruptImage(DataError):
+    """An image that does not decode, under `strict: true` (or every image): one line."""
+
+
+def _reason(exc: BaseException, path: str) -> str:
+    """PIL's first line, without the path it repeats ("cannot identify image file '...'")."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.replace(f" {path!r}", "")
 
 
 def imagefolder(
