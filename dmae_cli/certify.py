@@ -10,22 +10,32 @@ through `Sampler`. It writes, into runs/<name>/certify/:
                    radius correct time` (time in seconds), then `count_top n n0 certifier
                    pa_lower stop`, the raw counts from which a radius can be recomputed
   sigma-<s>.json   the header: checkpoint sha256, sigma, n0, n, alpha, seed, certifier,
-                   data fingerprint and package versions
+                   data fingerprint, package versions, and the batch size and precision
+                   as resolved (`auto` is recorded as what it chose)
 
 Rows are appended and flushed as they finish, so an interruption loses at most the examples
 in progress, and running the same command again skips the finished indices (after checking
-that the header matches). Under torchrun the examples still to do are dealt round-robin to the
-ranks; rank 0 appends to the TSV, rank r > 0 to `sigma-<s>.tsv.part<r>`, and rank 0 merges,
-sorts and removes the parts once every rank is done. Each example's noise comes from its own
-generator, so the merged file is the one a single process writes.
+that the header matches). A row that cannot be written (a full disk) is cut back off, so the
+file keeps only whole rows, and the run stops with one line. Under torchrun the examples
+still to do are dealt round-robin to the ranks; rank 0 appends to the TSV, rank r > 0 to
+`sigma-<s>.tsv.part<r>`, and rank 0 merges, sorts and removes the parts once every rank is
+done. Each example's noise comes from its own generator, so the merged file is the one a
+single process writes.
+
+`estimate_certify` (`dmae certify --estimate`) builds the same jobs, times a short sample of
+noisy forward passes on each and projects the cost of what is left, writing nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
+import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,13 +46,20 @@ import torch.nn as nn
 from rich.progress import TextColumn
 
 from dmae_cli import __version__, checkpoint, distributed, registry, ui
-from dmae_cli.api import Certificate, Certifier, CertifyRequest, DatasetInfo
+from dmae_cli.api import Certificate, Certifier, CertifyRequest, CountsFn, DatasetInfo
 from dmae_cli.errors import UserError
+from dmae_cli.interleave import certify_together
 from dmae_cli.interrupt import GracefulStop, Interrupted
 from dmae_cli.models import load_classifier
 from dmae_cli.pretrain import load_dataset
 from dmae_cli.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
-from dmae_cli.sampler import Sampler, example_generator
+from dmae_cli.sampler import (
+    Sampler,
+    auto_batch_size,
+    certify_dtype,
+    example_generator,
+    is_auto_batch,
+)
 from dmae_cli.train import resolve_device
 
 COLUMNS = (
@@ -127,7 +144,47 @@ def read_lines(path: Path) -> dict[int, str]:
     return rows
 
 
-def open_for_append(path: Path) -> Any:
+class RowFile:
+    """A row file open for appending that holds only whole rows, whatever happens.
+
+    Each row goes straight to the operating system in unbuffered writes (what `write` plus
+    `flush` did, with no buffer left to fail again at close). A write that fails, typically
+    on a full disk, is cut back off the file, so every row before it stays intact and
+    running the same command again resumes after it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("ab", buffering=0)
+
+    def __enter__(self) -> RowFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def append(self, line: str) -> None:
+        data = memoryview(line.encode("utf-8"))
+        end = self._file.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[self._write(data) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._file.truncate(end)  # drop the torn row
+            raise UserError(
+                f"could not write to {self.path}: {exc.strerror or exc}; the rows written "
+                f"before are kept: free some space and run the same command again to resume"
+            ) from exc
+
+    def _write(self, data: memoryview) -> int:
+        written = self._file.write(data)
+        if not written:  # a regular file that takes no bytes would loop forever
+            raise OSError(errno.EIO, "the file system accepted no bytes")
+        return written
+
+
+def open_for_append(path: Path) -> RowFile:
     """Open a row file for appending: drop a partial last line, write the column header."""
     if path.is_file():
         data = path.read_bytes()
@@ -136,11 +193,10 @@ def open_for_append(path: Path) -> Any:
             with path.open("r+b") as f:
                 f.truncate(keep)
     fresh = not path.is_file() or path.stat().st_size == 0
-    f = path.open("a", encoding="utf-8")
+    rows = RowFile(path)
     if fresh:
-        f.write(HEADER_LINE)
-        f.flush()
-    return f
+        rows.append(HEADER_LINE)
+    return rows
 
 
 def part_path(tsv: Path, rank: int) -> Path:
@@ -306,9 +362,11 @@ def make_header(
         "dataset": recipe.data.dataset,
         "split": cfg.split,
         "data_fingerprint": info.fingerprint,
-        "batch_size": cfg.batch_size,
+        "batch_size": sampler.batch_size,  # resolved: `auto` is recorded as what it chose
         "device": str(sampler.device),
-        "precision": recipe.precision,
+        "precision": sampler.precision,  # resolved: `auto` is recorded as bf16 or fp32
+        "compile": sampler.compiled,
+        "together": cfg.together,
         "versions": {
             "dmae": __version__,
             "python": platform.python_version(),
@@ -369,6 +427,17 @@ class SigmaResult:
 
 def run_certify(recipe: Recipe, out: Path | None = None) -> list[SigmaResult]:
     """Certify the recipe's split at every sigma of `recipe.certify`; resumes what exists."""
+    indices, out_dir, jobs = prepare(recipe, out)
+    return [certify_sigma(job, indices, out_dir) for job in jobs]
+
+
+def prepare(recipe: Recipe, out: Path | None) -> tuple[list[int], Path, Iterator[Job]]:
+    """The selected indices, the output directory and, lazily, one job per sigma.
+
+    Everything that can fail for all sigmas at once (certifier, device, data, selection, a
+    missing model) fails here, before any model is loaded; each job loads its model when
+    reached, so only one is in memory at a time.
+    """
     cfg = recipe.certify
     certifier = build_certifier(cfg)  # an unknown name fails before any model is loaded
     device = resolve_device(recipe.device)
@@ -377,23 +446,54 @@ def run_certify(recipe: Recipe, out: Path | None = None) -> list[SigmaResult]:
     indices = select_indices(cfg, len(dataset), cfg.split)
     out_dir = Path(out) if out is not None else recipe.stage_dir("certify")
     paths = {sigma: model_path(recipe, sigma) for sigma in cfg.sigma}  # all found, or none run
-    results = []
-    for sigma, path in paths.items():
-        model, meta = load_model(path, dataset.info, recipe.data.dataset, device)
-        if meta.get("sigma") not in (None, sigma):
-            ui.info(f"note: {path} was fine-tuned at sigma {meta['sigma']}, certifying at {sigma}")
-        sampler = Sampler(
-            model,
-            sigma=sigma,
-            num_classes=dataset.info.num_classes,
-            batch_size=cfg.batch_size,
-            device=device,
-            precision=recipe.precision,
-        )
-        header = make_header(recipe, sigma, path, certifier, sampler, dataset.info)
-        job = Job(recipe, sigma, sampler, certifier, dataset, header)
-        results.append(certify_sigma(job, indices, out_dir))
-    return results
+
+    def jobs() -> Iterator[Job]:
+        for sigma, path in paths.items():
+            model, meta = load_model(path, dataset.info, recipe.data.dataset, device)
+            if meta.get("sigma") not in (None, sigma):
+                ui.info(
+                    f"note: {path} was fine-tuned at sigma {meta['sigma']}, certifying at {sigma}"
+                )
+            sampler = build_sampler(recipe, model, sigma, dataset.info, device)
+            if sampler.compiled:
+                compile_up_front(sampler, dataset[indices[0]][0])
+            header = make_header(recipe, sigma, path, certifier, sampler, dataset.info)
+            yield Job(recipe, sigma, sampler, certifier, dataset, header)
+
+    return indices, out_dir, jobs()
+
+
+def compile_up_front(sampler: Sampler, image: torch.Tensor) -> None:
+    """Compile before any file is written, so that a missing compiler is the only line shown.
+
+    The spinner is transient (gone once compiled, never printed off a terminal).
+    """
+    waiting = f"torch.compile: compiling the classifier for {sampler.device} (minutes)"
+    with ui.console.status(waiting) if distributed.is_main() else contextlib.nullcontext():
+        sampler.warm_up(image)
+    ui.info(f"torch.compile: compiled in {sampler.compile_seconds:.0f} s")
+
+
+def build_sampler(
+    recipe: Recipe, model: nn.Module, sigma: float, info: DatasetInfo, device: torch.device
+) -> Sampler:
+    """The sampler of `recipe.certify`, with `batch_size: auto` resolved for this device."""
+    cfg = recipe.certify
+    batch_size = cfg.batch_size
+    if is_auto_batch(batch_size):
+        shape = (info.channels, info.image_size, info.image_size)
+        dtype = certify_dtype(recipe.precision, device)
+        batch_size = auto_batch_size(model, shape, device, dtype, max(cfg.n0, cfg.n))
+        ui.info(f"certify.batch_size auto: {batch_size} noisy copies per batch on {device}")
+    return Sampler(
+        model,
+        sigma=sigma,
+        num_classes=info.num_classes,
+        batch_size=batch_size,
+        device=device,
+        precision=recipe.precision,
+        compile=cfg.compile,
+    )
 
 
 @dataclass
@@ -407,8 +507,8 @@ class Job:
     dataset: Any
     header: dict[str, Any]
 
-    def row(self, idx: int) -> Row:
-        """Certify example `idx` with noise from its own generator."""
+    def task(self, idx: int) -> tuple[torch.Tensor, torch.Generator, Callable[[CountsFn], Row]]:
+        """Example `idx`, its own noise generator, and its certification given `counts`."""
         cfg = self.recipe.certify
         image, label = self.dataset[idx]
         label = int(label)
@@ -416,9 +516,20 @@ class Job:
             self.sigma, cfg.alpha, cfg.n0, cfg.n, cfg.radii, label if cfg.skip_wrong else None
         )
         generator = example_generator(self.recipe.seed, idx, self.sampler.device)
-        tick = time.perf_counter()
-        cert = self.certifier.certify(self.sampler.counts(image, generator), request)
-        return Row.of(idx, label, cert, time.perf_counter() - tick, self.certifier.name)
+
+        def certify(counts: CountsFn) -> Row:
+            tick = time.perf_counter()
+            cert = self.certifier.certify(counts, request)
+            return Row.of(idx, label, cert, time.perf_counter() - tick, self.certifier.name)
+
+        return image, generator, certify
+
+    def rows(self, group: list[int]) -> list[Row]:
+        """Certify the examples of `group` side by side (see `dmae_cli.interleave`)."""
+        if len(group) == 1:
+            image, generator, certify = self.task(group[0])
+            return [certify(self.sampler.counts(image, generator))]
+        return certify_together(self.sampler, [self.task(idx) for idx in group])
 
 
 def certify_sigma(job: Job, indices: list[int], out_dir: Path) -> SigmaResult:
@@ -426,7 +537,7 @@ def certify_sigma(job: Job, indices: list[int], out_dir: Path) -> SigmaResult:
     tsv = out_dir / f"{sigma_name(job.sigma)}.tsv"
     head = tsv.with_suffix(".json")
     check_header(head, tsv, job.header)
-    done = set(read_lines(tsv)).union(*(read_lines(p) for p in parts(tsv)))
+    done = finished(tsv)
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         if not head.is_file():
@@ -437,8 +548,9 @@ def certify_sigma(job: Job, indices: list[int], out_dir: Path) -> SigmaResult:
     if done and todo:
         ui.info(f"{tsv}: resuming, {len(indices) - len(todo)} of {len(indices)} already done")
     start, drawn = time.perf_counter(), job.sampler.drawn
+    groups = groups_to_do(indices, done, job.recipe.certify.together)
     with open_for_append(part_path(tsv, rank)) as rows:
-        _certify_each(job, todo[rank::world], -(-len(todo) // world), rows, tsv)
+        _certify_each(job, groups[rank::world], -(-len(groups) // world), rows, tsv)
     seconds = time.perf_counter() - start
     distributed.barrier()  # every part is complete
     selected: list[Row] = []
@@ -446,29 +558,46 @@ def certify_sigma(job: Job, indices: list[int], out_dir: Path) -> SigmaResult:
         merged = merge(tsv)
         selected = [Row.parse(merged[i]) for i in indices if i in merged]
     distributed.barrier()  # nobody starts the next sigma (or exits) while rank 0 merges
-    mine = len(todo[rank::world])
+    mine = sum(map(len, groups[rank::world]))
     model = Path(job.header["checkpoint"])
     return SigmaResult(
         job.sigma, tsv, head, model, selected, mine, job.sampler.drawn - drawn, seconds
     )
 
 
-def _certify_each(job: Job, indices: list[int], steps: int, rows: Any, tsv: Path) -> None:
-    """Certify, append and flush each example; stop cleanly on SIGINT/SIGTERM.
+def finished(tsv: Path) -> set[int]:
+    """The indices already certified into `tsv` or one of its rank parts."""
+    return set(read_lines(tsv)).union(*(read_lines(p) for p in parts(tsv)))
 
-    Every rank takes `steps` steps (one more than its share when the split is uneven) because
-    asking whether any rank was interrupted is a collective under torchrun.
+
+def groups_to_do(indices: list[int], done: set[int], together: int) -> list[list[int]]:
+    """The groups of `together` consecutive selected examples, less those already done.
+
+    Groups are cut from the whole selection, not from what is left, and their rows are
+    written at once, so a rerun certifies each group with the same companions and packs the
+    same forward passes as an uninterrupted run.
+    """
+    cut = [indices[i : i + together] for i in range(0, len(indices), together)]
+    left = ([i for i in group if i not in done] for group in cut)
+    return [group for group in left if group]
+
+
+def _certify_each(job: Job, groups: list[list[int]], steps: int, rows: RowFile, tsv: Path) -> None:
+    """Certify each group and append its rows in one write; stop cleanly on SIGINT/SIGTERM.
+
+    Every rank takes `steps` steps (one more than its share when the groups do not divide
+    evenly) because asking whether any rank was interrupted is a collective under torchrun.
     """
     speed = TextColumn("{task.fields[speed]}")
     started, drawn = time.perf_counter(), job.sampler.drawn
     with ui.progress(speed) as bar, GracefulStop() as stop:
-        task = bar.add_task(f"certify {sigma_name(job.sigma)}", total=len(indices), speed="")
+        total = sum(map(len, groups))
+        task = bar.add_task(f"certify {sigma_name(job.sigma)}", total=total, speed="")
         for step in range(steps):
-            if step < len(indices):
-                rows.write(job.row(indices[step]).line())
-                rows.flush()
+            if step < len(groups):
+                rows.append("".join(row.line() for row in job.rows(groups[step])))
                 rate = (job.sampler.drawn - drawn) / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, advance=1, speed=f"{rate:,.0f} noisy/s")
+                bar.update(task, advance=len(groups[step]), speed=f"{rate:,.0f} noisy/s")
             signum = stop.requested()
             if signum and step + 1 < steps:
                 raise Interrupted(
@@ -476,3 +605,177 @@ def _certify_each(job: Job, indices: list[int], steps: int, rows: Any, tsv: Path
                     f"same command again to resume",
                     signum,
                 )
+
+
+# -- the estimate (--estimate) --------------------------------------------------------------
+ESTIMATE_SECONDS = 3.0  # timed sampling per sigma, after the warm-up
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What a short timed sample of noisy forward passes measured on the real sampler."""
+
+    copies_per_second: float  # in whole batches of `batch_size`
+    select_seconds: float  # one selection call of n0 copies (its own, smaller batch)
+    copies: int  # copies timed, in all
+    seconds: float  # time they took
+
+
+@dataclass(frozen=True)
+class SigmaEstimate:
+    """The projected cost of certifying what is left of one sigma; nothing was written."""
+
+    sigma: float
+    tsv: Path
+    selected: int  # examples the recipe selects
+    todo: int  # of which not yet in the TSV
+    passes: int  # noisy forward passes for the `todo` examples, all processes together
+    exact: bool  # False: `passes` is an upper bound
+    note: str  # why `passes` is exact, or an upper bound
+    seconds: float  # projected wall time, compiling included
+    throughput: Throughput | None  # None when nothing is left to do (nothing was measured)
+    processes: int
+    device: str
+    precision: str
+    batch_size: int
+    forward_size: int  # < batch_size when the timed sample ran out of memory
+    compile_seconds: float  # what compiling took here (the real run compiles again)
+
+
+def estimate_certify(
+    recipe: Recipe, out: Path | None = None, seconds: float | None = None
+) -> list[SigmaEstimate]:
+    """What `run_certify` would cost, from a short timed sample; writes and changes nothing.
+
+    `seconds` of timed sampling per sigma, after a warm-up (default ESTIMATE_SECONDS).
+    """
+    timed = ESTIMATE_SECONDS if seconds is None else seconds
+    indices, out_dir, jobs = prepare(recipe, out)
+    return [estimate_sigma(job, indices, out_dir, timed) for job in jobs]
+
+
+def estimate_sigma(job: Job, indices: list[int], out_dir: Path, seconds: float) -> SigmaEstimate:
+    """Project one sigma's remaining work from `seconds` of timed sampling; reads files only."""
+    cfg, sampler = job.recipe.certify, job.sampler
+    tsv = out_dir / f"{sigma_name(job.sigma)}.tsv"
+    check_header(tsv.with_suffix(".json"), tsv, job.header)  # a run would refuse: so do we
+    done = finished(tsv)
+    todo = [i for i in indices if i not in done]
+    world = distributed.world_size()
+    throughput, wall = None, 0.0
+    if todo:
+        throughput = measure_throughput(sampler, job.dataset[todo[0]][0], cfg.n0, seconds)
+        per_example = throughput.select_seconds + cfg.n / throughput.copies_per_second
+        wall = sampler.compile_seconds + math.ceil(len(todo) / world) * per_example
+    return SigmaEstimate(
+        sigma=job.sigma,
+        tsv=tsv,
+        selected=len(indices),
+        todo=len(todo),
+        passes=len(todo) * (cfg.n0 + cfg.n),
+        exact=passes_are_exact(cfg, job.certifier),
+        note=passes_note(cfg, job.certifier),
+        seconds=wall,
+        throughput=throughput,
+        processes=world,
+        device=str(sampler.device),
+        precision=sampler.precision,
+        batch_size=sampler.batch_size,
+        forward_size=sampler.forward_size,
+        compile_seconds=sampler.compile_seconds,
+    )
+
+
+def measure_throughput(
+    sampler: Sampler, image: torch.Tensor, n0: int, seconds: float
+) -> Throughput:
+    """Time the sampler as certification uses it, for about `seconds` after a warm-up.
+
+    The warm-up (a selection call and a whole batch) lets CUDA pick its kernels and the
+    allocator settle. Then selection calls of n0 copies are timed for a quarter of the time,
+    and whole batches for the rest, in calls of as many batches as the time left allows
+    (each call synchronises once, as a certification call does). At least one call of each.
+    """
+    drawn = sampler.drawn
+    counts = sampler.counts(image, torch.Generator(device=sampler.device).manual_seed(0))
+    counts(n0)
+    counts(sampler.batch_size)
+    select_calls, select_time = _timed_calls(lambda: counts(n0), seconds / 4)
+    budget, copies, elapsed, batches = seconds * 3 / 4, 0, 0.0, 1
+    while elapsed < budget or not copies:
+        tick = time.perf_counter()
+        counts(batches * sampler.batch_size)
+        elapsed += time.perf_counter() - tick
+        copies += batches * sampler.batch_size
+        rate = copies / max(elapsed, 1e-9)
+        batches = max(1, math.ceil((budget - elapsed) * rate / sampler.batch_size))
+    sampler.drawn = drawn
+    return Throughput(copies / max(elapsed, 1e-9), select_time / select_calls, copies, elapsed)
+
+
+def _timed_calls(call: Callable[[], object], seconds: float) -> tuple[int, float]:
+    """Call `call` until `seconds` have passed (at least once): (calls, seconds taken)."""
+    calls, elapsed = 0, 0.0
+    while elapsed < seconds or not calls:
+        tick = time.perf_counter()
+        call()
+        elapsed += time.perf_counter() - tick
+        calls += 1
+    return calls, elapsed
+
+
+def passes_are_exact(cfg: CertifyConfig, certifier: Certifier) -> bool:
+    """Whether every example draws exactly n0 + n: Cohen's certifier, never skipping."""
+    return certifier.name == "cohen" and not cfg.skip_wrong
+
+
+def passes_note(cfg: CertifyConfig, certifier: Certifier) -> str:
+    """Why the projected noisy passes are exact, or an upper bound."""
+    if passes_are_exact(cfg, certifier):
+        return "exact: cohen draws n0 + n copies per example"
+    if cfg.skip_wrong:
+        why = "--skip-wrong draws no n copies when the selected class is wrong"
+    elif certifier.name == "sequential":
+        why = "sequential stops early once the report radii are settled or out of reach"
+    else:
+        why = f"n is the budget, which {certifier.name} may stop short of"
+    return f"an upper bound: {why}"
+
+
+def estimate_notes(estimates: list[SigmaEstimate]) -> list[str]:
+    """What the projected numbers assume, and what was measured to get them."""
+    notes = [f"noisy passes (copies through the classifier): {estimates[0].note}"]
+    for e in estimates:
+        if e.throughput is None:
+            notes.append(f"sigma {e.sigma:g}: nothing left to do in {e.tsv}")
+            continue
+        t = e.throughput
+        halved = f" (forwarded {e.forward_size} at a time: out of memory)"
+        compiled = f", compiling took {e.compile_seconds:.0f} s" if e.compile_seconds else ""
+        notes.append(
+            f"sigma {e.sigma:g}: measured {t.copies:,} copies in {t.seconds:.1f} s after a "
+            f"warm-up on {e.device}, {e.precision}, batch size {e.batch_size}"
+            f"{halved if e.forward_size < e.batch_size else ''}{compiled}; a selection call "
+            f"of n0 copies took {t.select_seconds:.3f} s"
+        )
+    if estimates[0].processes > 1:
+        notes.append(f"wall time with {estimates[0].processes} processes sharing the examples")
+    notes.append(
+        "wall time = examples x (selection call + n / copies per second) + compiling; loading "
+        "the model and data and the certifier's statistics are not included"
+    )
+    return notes
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1 h 02 min'; 75 -> '1 min 15 s'; 4.2 -> '4.2 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours:02d} h"

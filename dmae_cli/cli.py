@@ -155,8 +155,9 @@ def finetune(
         typer.Option(
             "--init",
             metavar="PATH|none",
-            help="Start from this checkpoint (ours, official DMAE/MAE, timm or .safetensors), "
-            "or 'none' for random weights (default: the recipe's pretrain run, last.pth).",
+            help="Start from this checkpoint (ours, official DMAE/MAE, timm or .safetensors) "
+            "or pretraining run directory (its last.pth), or 'none' for random weights "
+            "(default: the recipe's pretrain run, last.pth).",
             show_default=False,
         ),
     ] = None,
@@ -240,7 +241,14 @@ def certify(
         str | None, _opt("Certifier plugin, e.g. cohen or sequential (certify.certifier).")
     ] = None,
     batch_size: Annotated[
-        int | None, _opt("Noisy copies per forward pass (certify.batch_size).")
+        str | None,
+        typer.Option(
+            "--batch-size",
+            metavar="N|auto",
+            help="Noisy copies per batch, or auto: the largest that fits on the GPU, 256 on a "
+            "CPU (certify.batch_size).",
+            show_default=False,
+        ),
     ] = None,
     split: Annotated[
         str | None, _opt("Split to certify: test (= val) or train (certify.split).")
@@ -270,6 +278,23 @@ def certify(
             "--checkpoint",
         ),
     ] = None,
+    compile_model: Annotated[
+        bool | None,
+        _opt(
+            "torch.compile the classifier: faster batches after a compilation of minutes; "
+            "needs a C++ compiler (CPU) or Triton (CUDA) (certify.compile).",
+            "--compile/--no-compile",
+        ),
+    ] = None,
+    estimate: Annotated[
+        bool,
+        _opt(
+            "Time a short sample of noisy forward passes on the real model, device, batch size "
+            "and precision, print the projected passes and wall time of what is left to "
+            "certify, and exit, writing nothing.",
+            "--estimate",
+        ),
+    ] = False,
     out: OutOpt = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -294,11 +319,19 @@ def certify(
 
       torchrun --nproc_per_node 8 -m dmae_cli certify recipes/vitl.yaml --sigma 1.0
 
+      dmae certify recipes/vitb.yaml --sigma 0.5 --batch-size auto --compile --estimate
+
+    --estimate times a short sample and prints the projected noisy passes and
+    wall time of what is left to certify, writing nothing. Precision auto is
+    bf16 autocast on CUDA and on a CPU with native bf16 (AVX512-BF16 or AMX),
+    else fp32. Out of GPU memory, a batch is forwarded in halves (the same
+    noise, the same counts).
+
     Under torchrun write -n, not --n, and --set certify.start=K, not --start: torchrun
     takes those for abbreviations of its own options.
     """
     from dmae_cli import distributed
-    from dmae_cli.certify import resolve_recipe, run_certify
+    from dmae_cli.certify import estimate_certify, resolve_recipe, run_certify
 
     path, sigmas = _recipe_and_sigmas(recipe, ctx.args, sigma or [])
     flags = {
@@ -307,7 +340,7 @@ def certify(
         "certify.n0": n0,
         "certify.alpha": alpha,
         "certify.certifier": certifier,
-        "certify.batch_size": batch_size,
+        "certify.batch_size": _batch_size_value(batch_size),
         "certify.split": split,
         "certify.interval": interval,
         "certify.max_examples": max_examples,
@@ -315,6 +348,7 @@ def certify(
         "certify.end": end,
         "certify.skip_wrong": skip_wrong,
         "certify.checkpoint": None if checkpoint is None else str(checkpoint),
+        "certify.compile": compile_model,
         "seed": seed,
     }
     items = [
@@ -322,9 +356,57 @@ def certify(
         *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None),
     ]
     cfg = resolve_recipe(path, items)
+    if estimate:
+        estimates = estimate_certify(cfg, out=out)
+        if distributed.is_main():
+            _show_estimate(estimates, cfg.certify)
+        return
     results = run_certify(cfg, out=out)
     if distributed.is_main():
         _show_certified(results, cfg.certify)
+
+
+def _batch_size_value(text: str | None) -> int | str | None:
+    """--batch-size 500 is a number, --batch-size auto a word; the recipe checks either."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _show_estimate(estimates: list[Any], cfg: Any) -> None:
+    """The projected noisy passes and wall time per sigma (stdout); how they were measured."""
+    from dmae_cli.certify import estimate_notes, format_duration
+
+    def cells(todo: str, passes: int, rate: str, seconds: float | None, exact: bool) -> list[str]:
+        at_most = "" if exact else "<= "  # a certifier that may stop early
+        wall = "-" if seconds is None else f"{at_most}{format_duration(seconds)}"
+        return [todo, f"{at_most}{passes:,}", rate, wall]
+
+    table = Table(title="projected cost of what is left to certify (nothing written)")
+    for name in ("sigma", "to do", "noisy passes", "copies/s", "wall time"):
+        table.add_column(name, justify="right")
+    for e in estimates:
+        rate = f"{e.throughput.copies_per_second:,.0f}" if e.throughput else "-"
+        seconds = e.seconds if e.throughput else None
+        todo = f"{e.todo} of {e.selected}"
+        table.add_row(f"{e.sigma:g}", *cells(todo, e.passes, rate, seconds, e.exact))
+    table.add_section()
+    total = cells(
+        str(sum(e.todo for e in estimates)),
+        sum(e.passes for e in estimates),
+        "",
+        sum(e.seconds for e in estimates),
+        all(e.exact for e in estimates),
+    )
+    table.add_row("all", *total)
+    console = Console()
+    console.print(f"{cfg.certifier}: n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha:g}", highlight=False)
+    console.print(table)
+    for line in estimate_notes(estimates):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _show_certified(results: list[Any], cfg: Any) -> None:

@@ -63,6 +63,14 @@ def closed(lo: float, hi: float) -> dict[str, Any]:
     return _check(lambda v: lo <= v <= hi, f"a number in [{lo}, {hi}]")
 
 
+def batch_size_setting() -> dict[str, Any]:
+    """An integer >= 1, or auto (0 also): the field is typed Any, so its type is checked here."""
+    return _check(
+        lambda v: v == "auto" or (type(v) is int and v >= 0),
+        "an integer >= 1, or auto (0 also means auto)",
+    )
+
+
 def optional(meta: dict[str, Any]) -> dict[str, Any]:
     return _check(lambda v: v is None or meta["check"](v), f"null or {meta['expected']}")
 
@@ -165,7 +173,9 @@ class CertifyConfig:
     n0: int = field(default=100, metadata=positive())  # selection samples
     n: int = field(default=100_000, metadata=positive())  # estimation samples (the budget)
     alpha: float = field(default=0.001, metadata=open_interval(0.0, 1.0))
-    batch_size: int = field(default=1000, metadata=positive())  # noisy copies per forward pass
+    # Noisy copies drawn and classified per batch: an integer >= 1, or auto (also 0): on CUDA
+    # the largest power of two that fits in free memory, up to 4096; on CPU 256.
+    batch_size: Any = field(default=1000, metadata=batch_size_setting())
     split: str = "test"
     start: int = field(default=0, metadata=non_negative())  # first example index
     end: int | None = field(default=None, metadata=optional(positive()))  # exclusive; None: all
@@ -176,6 +186,10 @@ class CertifyConfig:
         default=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0),
         metadata=all_non_negative(),
     )
+    compile: bool = False  # torch.compile the classifier (needs a C++ compiler, or Triton on CUDA)
+    # Examples certified side by side, their draws packed into shared forward passes (a
+    # sequential certifier's small looks fill a batch together); rows are written per group.
+    together: int = field(default=8, metadata=positive())
 
 
 @dataclass(frozen=True)
@@ -183,7 +197,9 @@ class Recipe:
     name: str = "run"
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA; on a CPU fp32 for training, and for certification bf16 when the
+    # CPU has native bf16 (AVX512-BF16 or AMX), else fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     runs_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

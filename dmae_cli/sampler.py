@@ -3,26 +3,46 @@
 A certifier asks for `counts(num)` several times per image; each call draws `num` copies of
 the image plus N(0, sigma^2 I) noise, generated in fp32 in [0, 1] pixel space at the image's
 native resolution directly on the model's device (the model's `InputAdapter` then resizes and
-normalises), forwards them in batches (bf16 autocast on CUDA unless the recipe says fp32),
-and votes with argmax. Predictions are written into one preallocated device tensor and counted
-by a single `bincount` at the end, so the batches run back to back with no host
-synchronisation between them (CUDA's `bincount` synchronises to size its output: once per
-call, together with the copy of the counts to the host, instead of once per batch).
+normalises), forwards them in batches (bf16 autocast under `precision: auto` on CUDA and on a
+CPU with native bf16 arithmetic, see `certify_dtype`), and votes with argmax. Predictions are
+written into one preallocated device tensor and counted by a single `bincount` at the end, so
+the batches run back to back with no host synchronisation between them (CUDA's `bincount`
+synchronises to size its output: once per call, together with the copy of the counts to the
+host, instead of once per batch). Inputs stay in the default NCHW layout: channels-last buys a
+ViT nothing, its only convolution is the patch embedding.
 
 Every example draws its noise from its own generator, seeded from (seed, example index), so a
 certificate does not depend on how many processes share the work, on which examples ran
-before it, or on a resume.
+before it, or on a resume. The noise is drawn `batch_size` copies per generator call, so
+another batch size draws other (equally valid) noise; out of device memory, the sampler
+halves the copies per forward pass (`forward_size`) but keeps drawing `batch_size` at a time,
+so the counts are those of a run that never ran out of memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from dmae_cli import distributed, ui
 from dmae_cli.api import CountsFn
-from dmae_cli.train import autocast, autocast_dtype
+from dmae_cli.errors import UserError
+from dmae_cli.train import autocast
+
+# Recent torch names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
+OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+# Fixed, not probed: CPU throughput levels off at small batches, and a fixed size keeps the
+# noise of `auto` the same on every CPU. Not measured beyond the digits model.
+AUTO_CPU_BATCH = 256
+AUTO_CUDA_MAX = 4096  # a cap on probing: a busy GPU gains nothing from larger batches
+# Instruction-set features (torch.cpu.get_capabilities / /proc/cpuinfo names) that make bf16
+# matrix products native on x86; without them oneDNN emulates bf16 and fp32 is as fast.
+NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -38,9 +58,98 @@ def example_generator(seed: int, index: int, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(example_seed(seed, index))
 
 
+# -- precision --------------------------------------------------------------------------------
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), through oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # recent torch
+    if capabilities is not None:
+        found = capabilities()
+        return any(bool(found.get(name)) for name in NATIVE_BF16_FEATURES)
+    legacy = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # older torch
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if legacy is not None and amx is not None:
+        return bool(legacy() or amx())
+    return bool(_cpuinfo_flags() & set(NATIVE_BF16_FEATURES))
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+
+
+def certify_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype certification runs under; None means fp32.
+
+    `auto` is bf16 on CUDA, and on a CPU with native bf16 (where it is about twice as fast);
+    training keeps fp32 on every CPU. A vote is an argmax, which bf16 rarely moves, and the
+    certificate holds for whichever classifier votes: precision changes which classifier is
+    smoothed, never the validity of its radius.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else "bf16"
+
+
+# -- batch size -------------------------------------------------------------------------------
+def is_auto_batch(setting: Any) -> bool:
+    """`certify.batch_size: auto` (or 0)."""
+    return setting == "auto" or setting == 0
+
+
+def auto_batch_size(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    most: int,
+) -> int:
+    """The batch size `certify.batch_size: auto` picks for images of `shape` (C, H, W).
+
+    A CPU gets AUTO_CPU_BATCH. A GPU gets the largest power of two, up to AUTO_CUDA_MAX and the
+    first power of two >= `most` (no call draws more), whose forward pass fits in the memory
+    free now: tried on the eager model, halving on every out-of-memory error.
+    """
+    if device.type != "cuda":
+        return AUTO_CPU_BATCH
+    size = min(AUTO_CUDA_MAX, 1 << max(0, most - 1).bit_length())
+    while size >= 1:
+        if _forward_fits(model, (size, *shape), device, dtype):
+            return size
+        size //= 2
+    raise UserError(f"out of memory on {device} with a single image; free memory on the device")
+
+
+def _forward_fits(
+    model: nn.Module, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype | None
+) -> bool:
+    try:
+        with torch.inference_mode(), autocast(dtype, device):
+            model(torch.rand(shape, device=device))
+        return True
+    except OUT_OF_MEMORY:
+        pass  # leaving the handler releases the failed attempt's tensors
+    torch.cuda.empty_cache()
+    return False
+
+
+# -- the sampler ------------------------------------------------------------------------------
 class Sampler:
     """Counts the votes of `model` on noisy copies of an image, `batch_size` copies at a time.
 
+    `batch_size` copies are drawn per generator call and forwarded `forward_size` at a time
+    (equal, until the device runs out of memory). `compile=True` runs the model through
+    `torch.compile`; call `warm_up` first so that compiling happens, or fails, up front.
     `drawn` counts every noisy copy classified so far (for throughput displays).
     """
 
@@ -53,6 +162,7 @@ class Sampler:
         batch_size: int,
         device: torch.device,
         precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         if sigma <= 0 or batch_size < 1 or num_classes < 1:
             raise ValueError(
@@ -63,8 +173,17 @@ class Sampler:
         self.sigma = float(sigma)
         self.num_classes = num_classes
         self.batch_size = batch_size
+        self.forward_size = batch_size
         self.device = torch.device(device)
-        self.amp = autocast_dtype(precision, self.device)
+        self.amp = certify_dtype(precision, self.device)
+        self.precision = precision_name(self.amp)
+        self.compiled = compile
+        # A dynamic batch dimension: one compilation serves the n0 copies of the selection,
+        # the full batches and every call's last, partial one. Padding to one static shape
+        # would classify up to a whole batch of padding per call (n0 = 100 in a batch of 1000
+        # is ten times the work), and a static shape per size would compile once per size.
+        self.forward: Any = torch.compile(self.model, dynamic=True) if compile else self.model
+        self.compile_seconds = 0.0
         self.drawn = 0
 
     def counts(self, image: torch.Tensor, generator: torch.Generator) -> CountsFn:
@@ -72,14 +191,94 @@ class Sampler:
         clean = image.to(self.device, torch.float32).unsqueeze(0)
         return lambda num: self._count(clean, num, generator)
 
+    def warm_up(self, image: torch.Tensor) -> None:
+        """Classify one batch of noisy copies of `image` and forget it: compiles the model.
+
+        A compiler that cannot work here (no C++ compiler for the CPU, no Triton for CUDA)
+        becomes one line, while the model itself still runs eagerly; a model that fails
+        eagerly too keeps its own error.
+        """
+        drawn, tick = self.drawn, time.perf_counter()
+        try:
+            self.counts(image, torch.Generator(device=self.device).manual_seed(0))(self.batch_size)
+        except (UserError, OUT_OF_MEMORY):
+            raise
+        except Exception as exc:
+            if not self.compiled:
+                raise
+            self._raise_compile_failure(image, exc)
+        finally:
+            self.drawn = drawn
+        self.compile_seconds = time.perf_counter() - tick if self.compiled else 0.0
+
+    def _raise_compile_failure(self, image: torch.Tensor, exc: Exception) -> None:
+        with torch.inference_mode(), autocast(self.amp, self.device):
+            self.model(image.to(self.device, torch.float32).unsqueeze(0))  # eager: a model bug?
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        need = "Triton for CUDA" if self.device.type == "cuda" else "a C++ compiler, e.g. g++"
+        raise UserError(
+            f"--compile: torch.compile cannot compile the classifier on {self.device} "
+            f"({lines[0]}); it needs {need}: install it, or certify without --compile"
+        ) from exc
+
     @torch.inference_mode()
     def _count(self, clean: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
         votes = torch.empty(num, dtype=torch.int64, device=self.device)
         for start in range(0, num, self.batch_size):
             size = min(self.batch_size, num - start)
-            noise = torch.randn((size, *clean.shape[1:]), generator=generator, device=self.device)
-            with autocast(self.amp, self.device):
-                logits = self.model(noise.mul_(self.sigma).add_(clean))
-            votes[start : start + size] = logits.argmax(dim=1)
+            votes[start : start + size] = self.classify(self.noisy(clean, size, generator))
         self.drawn += num
         return torch.bincount(votes, minlength=self.num_classes).cpu()
+
+    def noisy(self, clean: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+        """`size` copies of `clean` (1, C, H, W) plus noise: one generator call, in fp32."""
+        noise = torch.randn((size, *clean.shape[1:]), generator=generator, device=self.device)
+        return noise.mul_(self.sigma).add_(clean)
+
+    @torch.inference_mode()
+    def classify(self, noisy: torch.Tensor) -> torch.Tensor:
+        """The model's votes on `noisy`, `forward_size` copies per forward pass.
+
+        Out of memory, the same copies are classified again in halves, so the votes are those
+        of a run that never ran out of memory.
+        """
+        while True:
+            try:
+                return self._try_classify(noisy)
+            except OUT_OF_MEMORY:
+                pass  # leaving the handler releases the failed attempt's tensors
+            self._back_off()
+
+    def _try_classify(self, noisy: torch.Tensor) -> torch.Tensor:
+        votes = torch.empty(len(noisy), dtype=torch.int64, device=self.device)
+        for start in range(0, len(noisy), self.forward_size):
+            stop = min(start + self.forward_size, len(noisy))
+            chunk = noisy[start:stop]
+            if self.compiled and len(chunk) == 1:
+                # torch.compile specialises a batch of one: doubling the row costs less than
+                # compiling again mid-run, and only the first vote is kept.
+                chunk = chunk.repeat(2, 1, 1, 1)
+            with autocast(self.amp, self.device):
+                logits = self.forward(chunk)
+            votes[start:stop] = logits[: stop - start].argmax(dim=1)
+        return votes
+
+    def _back_off(self) -> None:
+        """Halve the copies per forward pass after an out-of-memory error; below 1, stop."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.forward_size == 1:
+            raise UserError(
+                f"out of memory on {self.device} with one noisy copy per forward pass (and "
+                f"{self.batch_size} drawn at a time); free memory on the device or lower "
+                f"--batch-size"
+            )
+        old, self.forward_size = self.forward_size, self.forward_size // 2
+        where = f"rank {distributed.rank()}: " if distributed.is_distributed() else ""
+        ui.console.print(
+            f"[yellow]warning:[/] {where}out of memory on {self.device} at {old} noisy copies "
+            f"per forward pass; continuing with {self.forward_size} (the same noise, the same "
+            f"counts)",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -6,6 +6,7 @@ the layout `dmae finetune` writes), with n = 60 samples per image, so each run t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -17,58 +18,34 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dmae_cli import checkpoint
+from dmae_cli import certify as certify_module
 from dmae_cli.api import Certificate, CertifyRequest, CountsFn
-from dmae_cli.certify import COLUMNS, read_lines, run_certify, select_indices
+from dmae_cli.certify import (
+    COLUMNS,
+    RowFile,
+    estimate_certify,
+    read_lines,
+    run_certify,
+    select_indices,
+)
 from dmae_cli.checkpoint import file_sha256
 from dmae_cli.cli import app
 from dmae_cli.errors import UserError
 from dmae_cli.interrupt import Interrupted
-from dmae_cli.models import build_classifier
 from dmae_cli.recipe import Recipe, load_recipe, recipe_to_yaml
+from dmae_cli.sampler import certify_dtype, precision_name
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
-from dmae_plugins.datasets.digits import train_statistics
-from tests.conftest import one_line_error
+from tests.conftest import one_line_error, save_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "digits.yaml")
 SMALL = ["certify.n=60", "certify.n0=10", "certify.batch_size=32", "certify.max_examples=8"]
+CPU_AUTO_PRECISION = precision_name(certify_dtype("auto", torch.device("cpu")))
 runner = CliRunner()
 
 
-def save_classifier(path: Path, sigma: float = 0.5, num_classes: int = 10, seed: int = 0) -> Path:
-    """A width-32, depth-2 classifier for 16x16 digits, saved as `dmae finetune` saves one."""
-    mean, std = train_statistics(0)
-    meta = {
-        "backbone": "vit_tiny",
-        "backbone_options": {"embed_dim": 32, "depth": 2, "num_heads": 2},
-        "image_size": 16,
-        "patch_size": 4,
-        "input_size": 16,
-        "channels": 1,
-        "mean": [mean],
-        "std": [std],
-        "num_classes": num_classes,
-        "class_names": [str(c) for c in range(num_classes)],
-        "dataset": "digits",
-        "data_fingerprint": "",
-        "sigma": sigma,
-        "stage": "finetune",
-    }
-    torch.manual_seed(seed)
-    model = build_classifier(meta)
-    checkpoint.save_checkpoint(path, {"model": model.state_dict(), "meta": meta})
-    return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards: a second OpenMP thread costs more in synchronisation than it computes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -111,13 +88,17 @@ def test_writes_sorted_rows_and_a_header(runs: Path) -> None:
     assert (header["sigma"], header["n0"], header["n"], header["alpha"]) == (0.5, 10, 60, 0.001)
     assert (header["seed"], header["certifier"], header["split"]) == (0, "cohen", "test")
     assert {"torch", "scipy", "timm", "dmae"} <= set(header["versions"])
+    assert (header["batch_size"], header["device"], header["compile"]) == (32, "cpu", False)
+    assert header["precision"] == CPU_AUTO_PRECISION  # resolved, not "auto"
     assert result.samples == 8 * 70 and result.mean_samples() == 70
     assert result.accuracy(0.0) == sum(r.correct for r in rows) / 8
 
 
+@pytest.mark.parametrize("together", [1, 3])
 def test_a_crash_then_a_rerun_gives_the_uninterrupted_file(
-    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, together: int
 ) -> None:
+    grouped = f"certify.together={together}"
     [whole] = run_certify(recipe(runs), out=tmp_path / "whole")
     certify, calls = Cohen.certify, []
 
@@ -129,21 +110,23 @@ def test_a_crash_then_a_rerun_gives_the_uninterrupted_file(
 
     monkeypatch.setattr(Cohen, "certify", crashing)
     with pytest.raises(KeyboardInterrupt):
-        run_certify(recipe(runs), out=tmp_path / "resumed")
+        run_certify(recipe(runs, grouped), out=tmp_path / "resumed")
     monkeypatch.setattr(Cohen, "certify", certify)
     tsv = tmp_path / "resumed" / "sigma-0.5.tsv"
-    assert len(read_lines(tsv)) == 3
+    assert len(read_lines(tsv)) == 3  # the crashed example's group is lost, no more
     with tsv.open("a") as f:
         f.write("3\t9\t9\t0.4")  # a row torn by the crash
-    [resumed] = run_certify(recipe(runs), out=tmp_path / "resumed")
+    [resumed] = run_certify(recipe(runs, grouped), out=tmp_path / "resumed")
     assert resumed.certified_now == 5
     assert without_time(resumed.tsv) == without_time(whole.tsv)
 
 
-def test_a_signal_stops_after_the_current_example_and_the_rerun_resumes(
-    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("together", [1, 3])
+def test_a_signal_stops_after_the_current_group_and_the_rerun_resumes(
+    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, together: int
 ) -> None:
-    [whole] = run_certify(recipe(runs, "certify.certifier=sequential"), out=tmp_path / "whole")
+    sequential = ("certify.certifier=sequential", f"certify.together={together}")
+    [whole] = run_certify(recipe(runs, sequential[0]), out=tmp_path / "whole")
     original, calls = Sequential.certify, []
 
     def interrupted(self: Sequential, counts: CountsFn, request: CertifyRequest) -> Certificate:
@@ -154,10 +137,10 @@ def test_a_signal_stops_after_the_current_example_and_the_rerun_resumes(
 
     monkeypatch.setattr(Sequential, "certify", interrupted)
     with pytest.raises(Interrupted) as stopped:
-        run_certify(recipe(runs, "certify.certifier=sequential"), out=tmp_path / "resumed")
+        run_certify(recipe(runs, *sequential), out=tmp_path / "resumed")
     assert stopped.value.exit_code == 130 and "resume" in str(stopped.value)
-    assert len(read_lines(tmp_path / "resumed" / "sigma-0.5.tsv")) == 2
-    [resumed] = run_certify(recipe(runs, "certify.certifier=sequential"), out=tmp_path / "resumed")
+    assert len(read_lines(tmp_path / "resumed" / "sigma-0.5.tsv")) == max(2, together)
+    [resumed] = run_certify(recipe(runs, *sequential), out=tmp_path / "resumed")
     assert without_time(resumed.tsv) == without_time(whole.tsv)
     assert {r.certifier for r in resumed.rows} == {"sequential"}
 
@@ -189,6 +172,102 @@ def test_example_selection() -> None:
         pick("certify.end=361")
     with pytest.raises(UserError, match="larger than"):
         pick("certify.start=5", "certify.end=5")
+
+
+def test_auto_batch_size_is_recorded_as_chosen(runs: Path) -> None:
+    [result] = run_certify(recipe(runs, "certify.batch_size=auto", "certify.max_examples=1"))
+    assert json.loads(result.header.read_text())["batch_size"] == 256  # on a CPU
+    assert result.rows[0].n == 60
+
+
+# -- a full disk ----------------------------------------------------------------------------
+def test_a_full_disk_stops_with_one_line_and_keeps_whole_rows(
+    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [whole] = run_certify(recipe(runs), out=tmp_path / "whole")
+    write, calls = RowFile._write, []
+
+    def filling_up(self: RowFile, data: memoryview) -> int:
+        calls.append(1)
+        if len(calls) == 5:  # the column header and three rows fit; half the fourth does
+            write(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(RowFile, "_write", filling_up)
+    small = [arg for item in SMALL for arg in ("--set", item)]
+    out = tmp_path / "full"
+    args = ["--sigma", "0.5", "--set", f"runs_dir={runs}", "--set", "device=cpu", *small]
+    one_row_per_write = ["--set", "certify.together=1"]
+    result = cli(RECIPE, *args, *one_row_per_write, "--out", str(out))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]  # under the progress bar, as it stopped
+    assert f"could not write to {out / 'sigma-0.5.tsv'}: No space left on device" in line
+    assert "run the same command again to resume" in line
+    text = (out / "sigma-0.5.tsv").read_text()
+    assert text.endswith("\n") and len(read_lines(out / "sigma-0.5.tsv")) == 3  # whole rows
+    assert without_time(out / "sigma-0.5.tsv") == without_time(whole.tsv)[:4]
+    monkeypatch.setattr(RowFile, "_write", write)  # space again: the rerun resumes
+    [resumed] = run_certify(recipe(runs), out=out)
+    assert resumed.certified_now == 5
+    assert without_time(resumed.tsv) == without_time(whole.tsv)
+
+
+# -- the estimate ---------------------------------------------------------------------------
+def test_estimate_follows_the_job_size_and_writes_nothing(runs: Path, tmp_path: Path) -> None:
+    save_classifier(runs / "digits" / "finetune" / "sigma-0.25" / "best.pth", sigma=0.25)
+    out = tmp_path / "estimated"
+    job = recipe(runs, "certify.sigma=[0.25,0.5]", "certify.certifier=sequential")
+    estimates = estimate_certify(job, out=out, seconds=0.05)
+    assert not out.exists()
+    assert [e.sigma for e in estimates] == [0.25, 0.5]
+    for e in estimates:
+        assert (e.selected, e.todo, e.passes, e.exact) == (8, 8, 8 * (10 + 60), False)
+        assert "an upper bound: sequential stops early" in e.note
+        assert (e.device, e.precision, e.batch_size, e.forward_size) == (
+            "cpu", CPU_AUTO_PRECISION, 32, 32
+        )  # fmt: skip
+        t = e.throughput
+        assert t is not None and t.copies % 32 == 0 and t.copies >= 32 and t.seconds > 0
+        assert t.copies_per_second == pytest.approx(t.copies / t.seconds)
+        assert e.seconds == pytest.approx(8 * (t.select_seconds + 60 / t.copies_per_second))
+    [skipping] = estimate_certify(recipe(runs, "certify.skip_wrong=true"), out=out, seconds=0.01)
+    assert not skipping.exact and "--skip-wrong" in skipping.note
+
+
+def test_estimate_counts_only_what_is_left(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(certify_module, "ESTIMATE_SECONDS", 0.05)
+    run_certify(recipe(runs, "certify.max_examples=3"))
+    out = runs / "digits" / "certify"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    small = [arg for item in SMALL for arg in ("--set", item)]
+    result = cli(RECIPE, "--sigma", "0.5", "--set", f"runs_dir={runs}", *small, "--estimate")
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+    assert "5 of 8" in result.stdout and f"{5 * 70:,}" in result.stdout
+    assert "exact: cohen draws n0 + n copies per example" in result.stdout
+    assert f"on cpu, {CPU_AUTO_PRECISION}, batch size 32" in result.stdout
+    [done] = estimate_certify(recipe(runs, "certify.max_examples=3"), seconds=0.01)
+    assert (done.todo, done.passes, done.seconds, done.throughput) == (0, 0, 0.0, None)
+
+
+def test_compile_without_a_working_compiler_is_one_line(
+    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_compiler(*args: object, **kwargs: object) -> object:
+        def compiled(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    out = tmp_path / "compiled"
+    result = cli(
+        RECIPE, "--sigma", "0.5", "--set", f"runs_dir={runs}", "--compile", "--out", str(out)
+    )
+    line = one_line_error(result)
+    assert "--compile: torch.compile cannot compile the classifier on cpu" in line
+    assert "certify without --compile" in line and not out.exists()  # before any file
 
 
 # -- two processes --------------------------------------------------------------------------
@@ -250,7 +329,8 @@ def test_cli_without_a_recipe_takes_the_latest_run(
         (["--alpha", "1.5"], "certify.alpha: expected a number in (0.0, 1.0), got 1.5"),
         (["--n", "0"], "certify.n: expected a number > 0, got 0"),
         (["--n0", "0"], "certify.n0: expected a number > 0"),
-        (["--batch-size", "0"], "certify.batch_size: expected a number > 0"),
+        (["--batch-size", "-3"], "batch_size: expected an integer >= 1, or auto (0 also"),
+        (["--batch-size", "lots"], "batch_size: expected an integer >= 1, or auto"),
         (["--sigma", "-1"], "certify.sigma: expected one or more numbers > 0"),
         (["--certifier", "nope"], "unknown certifier 'nope'; available: cohen, sequential"),
         (["--set", "certify.options={bogus: 1}"], "certifier 'cohen' rejected its options"),
@@ -281,3 +361,5 @@ def test_cli_help_has_examples() -> None:
     result = cli("--help")
     assert result.exit_code == 0
     assert "Examples" in result.output and "--interval" in result.output
+    for flag in ("--estimate", "--compile", "--batch-size auto"):
+        assert flag in result.output

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn as nn
 
+from dmae_cli import sampler as sampler_module
+from dmae_cli.errors import UserError
 from dmae_cli.models import build_classifier
-from dmae_cli.sampler import Sampler, example_generator, example_seed
+from dmae_cli.sampler import (
+    OUT_OF_MEMORY,
+    Sampler,
+    auto_batch_size,
+    certify_dtype,
+    cpu_has_native_bf16,
+    example_generator,
+    example_seed,
+)
+from dmae_cli.train import autocast_dtype
+
+CPU = torch.device("cpu")
 
 META = {
     "backbone": "vit_tiny",
@@ -24,13 +38,7 @@ META = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny forwards: a second OpenMP thread costs more in synchronisation than it computes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Spy(nn.Module):
@@ -68,8 +76,10 @@ def test_counts_match_a_sample_by_sample_reference() -> None:
     torch.manual_seed(0)
     model = build_classifier(META).eval()
     image = torch.rand(1, 8, 8)
-    sampler = Sampler(model, sigma=0.25, num_classes=10, batch_size=64, device=torch.device("cpu"))
-    counts = sampler.counts(image, example_generator(3, 11, torch.device("cpu")))(200)
+    sampler = Sampler(
+        model, sigma=0.25, num_classes=10, batch_size=64, device=CPU, precision="fp32"
+    )  # fp32 like the reference below: auto may be bf16 on this CPU
+    counts = sampler.counts(image, example_generator(3, 11, CPU))(200)
     generator = example_generator(3, 11, torch.device("cpu"))
     expected = torch.zeros(10, dtype=torch.int64)
     with torch.no_grad():
@@ -129,3 +139,161 @@ def test_cuda_synchronises_per_call_not_per_batch() -> None:
         return len(caught)
 
     assert syncs(32 * 20) == syncs(32) <= 3  # bincount's sizing and the copy to the host
+
+
+# -- out of memory ------------------------------------------------------------------------------
+class RunsOutOfMemory(nn.Module):
+    """`model`, except that a forward pass of more than `fits` copies raises CUDA's OOM error."""
+
+    def __init__(self, model: nn.Module, fits: int) -> None:
+        super().__init__()
+        self.model, self.fits, self.refused = model, fits, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > self.fits:
+            self.refused += 1
+            raise OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_forward_passes_and_keeps_the_counts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    torch.manual_seed(0)
+    model = build_classifier(META).eval()
+    image = torch.rand(1, 8, 8)
+
+    def run(net: nn.Module) -> tuple[Sampler, list[list[int]]]:
+        sampler = Sampler(
+            net, sigma=0.5, num_classes=10, batch_size=64, device=CPU, precision="fp32"
+        )
+        counts = sampler.counts(image, example_generator(1, 2, CPU))
+        return sampler, [counts(n).tolist() for n in (10, 150, 64, 1)]
+
+    _, expected = run(model)
+    capsys.readouterr()
+    tight = RunsOutOfMemory(model, fits=20)
+    sampler, got = run(tight)
+    assert got == expected  # the same noise, the same votes
+    assert (sampler.batch_size, sampler.forward_size) == (64, 16) and sampler.drawn == 225
+    assert tight.refused == 2  # 64 failed, then 32; 16 stays for the rest of the run
+    warnings_ = [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
+    assert len(warnings_) == 2 and "continuing with 32" in warnings_[0]
+    assert "at 32 noisy copies per forward pass; continuing with 16" in warnings_[1]
+
+
+class FailsOnce(nn.Module):
+    """A spy whose `fail`-th forward pass raises CUDA's OOM error (after the noise was drawn)."""
+
+    def __init__(self, fail: int | None) -> None:
+        super().__init__()
+        self.spy, self.fail, self.sizes = Spy(), fail, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        if len(self.sizes) == self.fail:
+            raise OUT_OF_MEMORY("CUDA out of memory (fake)")
+        return self.spy(x)
+
+
+def test_out_of_memory_classifies_the_same_noise_again_in_halves() -> None:
+    image = torch.rand(1, 4, 4)
+
+    def run(fail: int | None) -> FailsOnce:
+        model = FailsOnce(fail)
+        sampler = Sampler(model, sigma=0.5, num_classes=2, batch_size=8, device=CPU)
+        sampler.counts(image, example_generator(0, 3, CPU))(24)
+        return model
+
+    clean, failed = run(None), run(fail=2)
+    assert clean.sizes == [8, 8, 8] and failed.sizes == [8, 8, 4, 4, 4, 4]
+    assert torch.equal(torch.cat(failed.spy.inputs), torch.cat(clean.spy.inputs))
+
+
+def test_out_of_memory_at_one_copy_stops_with_one_line() -> None:
+    sampler = Sampler(
+        RunsOutOfMemory(Spy(), fits=0), sigma=0.5, num_classes=2, batch_size=4, device=CPU
+    )
+    counts = sampler.counts(torch.rand(1, 4, 4), example_generator(0, 0, CPU))
+    with pytest.raises(UserError, match="out of memory on cpu with one noisy copy per forward"):
+        counts(4)
+
+
+def test_auto_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, shape = Spy(), (3, 32, 32)
+    assert auto_batch_size(model, shape, CPU, None, most=100_000) == 256
+    tried: list[int] = []
+
+    def fits_300(model: nn.Module, shape: tuple[int, ...], *args: object) -> bool:
+        tried.append(shape[0])
+        return shape[0] <= 300
+
+    monkeypatch.setattr(sampler_module, "_forward_fits", fits_300)
+    cuda = torch.device("cuda")
+    assert auto_batch_size(model, shape, cuda, torch.bfloat16, most=100_000) == 256
+    assert tried == [4096, 2048, 1024, 512, 256]
+    fewer = auto_batch_size(model, shape, cuda, torch.bfloat16, most=100)
+    assert fewer == 128  # the first power of two >= n: no call draws more
+    monkeypatch.setattr(sampler_module, "_forward_fits", lambda *args: False)
+    with pytest.raises(UserError, match="out of memory on cuda with a single image"):
+        auto_batch_size(model, shape, cuda, None, most=10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_batch_size_runs() -> None:
+    device = torch.device("cuda")
+    model = build_classifier(META).to(device)
+    size = auto_batch_size(model, (1, 8, 8), device, torch.bfloat16, most=1000)
+    assert size == 1024  # a tiny model fits the first power of two >= n
+    sampler = Sampler(model, sigma=0.5, num_classes=10, batch_size=size, device=device)
+    assert sampler.counts(torch.rand(1, 8, 8), example_generator(0, 0, device))(1000).sum() == 1000
+
+
+# -- precision and compilation --------------------------------------------------------------------
+def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert isinstance(cpu_has_native_bf16(), bool)
+    cuda = torch.device("cuda")
+    assert certify_dtype("fp32", cuda) is None and certify_dtype("bf16", CPU) == torch.bfloat16
+    assert certify_dtype("auto", cuda) == torch.bfloat16
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(sampler_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert certify_dtype("auto", CPU) == expected
+        sampler = Sampler(Spy(), sigma=0.5, num_classes=2, batch_size=4, device=CPU)
+        assert sampler.precision == ("bf16" if native else "fp32")
+    assert autocast_dtype("auto", CPU) is None  # training stays fp32 on every CPU
+
+
+def test_compiled_counts_equal_eager_counts() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 3)).eval()
+    image = torch.rand(1, 8, 8)
+
+    def run(compile: bool) -> list[list[int]]:
+        sampler = Sampler(
+            model, sigma=0.5, num_classes=3, batch_size=32, device=CPU, precision="fp32",
+            compile=compile,
+        )  # fmt: skip
+        try:
+            sampler.warm_up(image)
+        except UserError as exc:  # no C++ compiler here: the one line a user would get
+            pytest.skip(str(exc))
+        counts = sampler.counts(image, example_generator(0, 9, CPU))
+        return [counts(n).tolist() for n in (10, 100, 33, 1)]  # 33 and 1: batches of one
+
+    assert run(compile=True) == run(compile=False)
+
+
+def test_a_compiler_that_cannot_work_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> Callable[[torch.Tensor], torch.Tensor]:
+        def compiled(x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken)
+    sampler = Sampler(Spy(), sigma=0.5, num_classes=2, batch_size=4, device=CPU, compile=True)
+    with pytest.raises(UserError, match="No working C\\+\\+ compiler found\\); it needs a C"):
+        sampler.warm_up(torch.rand(1, 4, 4))
+    assert sampler.drawn == 0

@@ -1,0 +1,158 @@
+"""Certifying several examples at once, so that their small draws share forward passes.
+
+A sequential certifier asks for a few dozen noisy copies at a time; one forward pass per
+request leaves a GPU mostly idle and costs a CPU its per-call overhead. `certify_together`
+runs the certifications of a group of examples side by side, each in its own thread (a
+certifier is a plain function that calls `counts(num)` and waits for the answer), and
+whenever every unfinished certification is waiting, it answers all their requests with
+forward passes packed from all of them.
+
+Nothing about the result depends on the packing: each request's noise is drawn from its
+example's own generator in the same chunks of `batch_size` copies as `Sampler.counts` draws
+it, so an example gets exactly the noise it would get alone, and the votes are the model's
+argmax on those inputs (equal up to the floating-point effect of batch composition, as any
+change of batch size). The group is fixed by the caller, so a rerun over the same group packs
+the same batches.
+
+Certifier code runs in the worker threads and only waits there; the threads never touch the
+model, so there is no concurrency in torch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from dmae_cli.api import CountsFn
+from dmae_cli.sampler import Sampler
+
+T = TypeVar("T")
+Task = Callable[[CountsFn], T]  # one certification, given its example's counts function
+
+
+@dataclass
+class Request:
+    """`num` noisy copies of `clean` (1, C, H, W), noise from `generator`; answered in place."""
+
+    clean: torch.Tensor
+    generator: torch.Generator
+    num: int
+    answered: threading.Event = field(default_factory=threading.Event)
+    counts: torch.Tensor | None = None
+
+
+def certify_together(
+    sampler: Sampler, tasks: Sequence[tuple[torch.Tensor, torch.Generator, Task[T]]]
+) -> list[T]:
+    """Run each task (image, generator, certification) and return their results in order.
+
+    An exception in a task is raised here once every other task has finished.
+    """
+    board = _Board(len(tasks))
+    results: list[T | None] = [None] * len(tasks)
+    errors: list[BaseException] = []
+
+    def work(slot: int, image: torch.Tensor, generator: torch.Generator, task: Task[T]) -> None:
+        clean = image.to(sampler.device, torch.float32).unsqueeze(0)
+        try:
+            results[slot] = task(lambda num: board.ask(Request(clean, generator, num)))
+        except BaseException as error:  # handed to the caller once the others finish
+            errors.append(error)
+        finally:
+            board.finish()
+
+    threads = [
+        threading.Thread(target=work, args=(slot, *task), daemon=True, name=f"certify-{slot}")
+        for slot, task in enumerate(tasks)
+    ]
+    for thread in threads:
+        thread.start()
+    while (requests := board.wait_for_all()) is not None:
+        answer(sampler, requests)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]  # every slot is filled when nothing raised
+
+
+class _Board:
+    """Where waiting requests are posted, and where the main thread learns all are waiting."""
+
+    def __init__(self, tasks: int) -> None:
+        self.running = tasks
+        self.pending: list[Request] = []
+        self.changed = threading.Condition()
+
+    def ask(self, request: Request) -> torch.Tensor:
+        with self.changed:
+            self.pending.append(request)
+            self.changed.notify()
+        request.answered.wait()
+        assert request.counts is not None
+        return request.counts
+
+    def finish(self) -> None:
+        with self.changed:
+            self.running -= 1
+            self.changed.notify()
+
+    def wait_for_all(self) -> list[Request] | None:
+        """The requests of every running task once all of them wait; None when all finished."""
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.pending) == self.running)
+            if self.running == 0:
+                return None
+            requests, self.pending = self.pending, []
+            return requests
+
+
+def answer(sampler: Sampler, requests: list[Request]) -> None:
+    """Draw every request's noise in its own chunks, pack the chunks into forward passes of at
+    most `batch_size` copies, and hand each request its class counts."""
+    votes = [torch.empty(r.num, dtype=torch.int64, device=sampler.device) for r in requests]
+    batch: list[torch.Tensor] = []  # noisy chunks waiting for the next forward pass
+    places: list[tuple[int, int, int]] = []  # (request, start, size) of each chunk
+    filled = 0
+    for which, request in enumerate(requests):
+        for start in range(0, request.num, sampler.batch_size):
+            size = min(sampler.batch_size, request.num - start)
+            if filled + size > sampler.batch_size or (
+                batch and _shape(batch) != _shape_of(request)
+            ):
+                _forward(sampler, batch, places, votes)
+                batch, places, filled = [], [], 0
+            batch.append(sampler.noisy(request.clean, size, request.generator))
+            places.append((which, start, size))
+            filled += size
+    if batch:
+        _forward(sampler, batch, places, votes)
+    sampler.drawn += sum(r.num for r in requests)
+    for request, mine in zip(requests, votes, strict=True):
+        request.counts = torch.bincount(mine, minlength=sampler.num_classes).cpu()
+        request.answered.set()
+
+
+def _forward(
+    sampler: Sampler,
+    batch: list[torch.Tensor],
+    places: list[tuple[int, int, int]],
+    votes: list[torch.Tensor],
+) -> None:
+    predicted = sampler.classify(torch.cat(batch))
+    offset = 0
+    for which, start, size in places:
+        votes[which][start : start + size] = predicted[offset : offset + size]
+        offset += size
+
+
+def _shape(batch: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(batch[0].shape[1:])
+
+
+def _shape_of(request: Request) -> tuple[int, ...]:
+    return tuple(request.clean.shape[1:])
