@@ -331,7 +331,8 @@ def certify(
     takes those for abbreviations of its own options.
     """
     from dmae_cli import distributed
-    from dmae_cli.certify import estimate_certify, resolve_recipe, run_certify
+    from dmae_cli.certify import resolve_recipe, run_certify
+    from dmae_cli.estimate import estimate_certify
 
     path, sigmas = _recipe_and_sigmas(recipe, ctx.args, sigma or [])
     flags = {
@@ -378,7 +379,7 @@ def _batch_size_value(text: str | None) -> int | str | None:
 
 def _show_estimate(estimates: list[Any], cfg: Any) -> None:
     """The projected noisy passes and wall time per sigma (stdout); how they were measured."""
-    from dmae_cli.certify import estimate_notes, format_duration
+    from dmae_cli.estimate import estimate_notes, format_duration
 
     def cells(todo: str, passes: int, rate: str, seconds: float | None, exact: bool) -> list[str]:
         at_most = "" if exact else "<= "  # a certifier that may stop early

@@ -18,12 +18,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dmae_cli import certify as certify_module
+from dmae_cli import estimate as estimate_module
 from dmae_cli.api import Certificate, CertifyRequest, CountsFn
 from dmae_cli.certify import (
     COLUMNS,
     RowFile,
-    estimate_certify,
     read_lines,
     run_certify,
     select_indices,
@@ -31,6 +30,7 @@ from dmae_cli.certify import (
 from dmae_cli.checkpoint import file_sha256
 from dmae_cli.cli import app
 from dmae_cli.errors import UserError
+from dmae_cli.estimate import estimate_certify
 from dmae_cli.interrupt import Interrupted
 from dmae_cli.recipe import Recipe, load_recipe, recipe_to_yaml
 from dmae_cli.sampler import certify_dtype, precision_name
@@ -236,7 +236,7 @@ def test_estimate_follows_the_job_size_and_writes_nothing(runs: Path, tmp_path: 
 
 
 def test_estimate_counts_only_what_is_left(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(certify_module, "ESTIMATE_SECONDS", 0.05)
+    monkeypatch.setattr(estimate_module, "ESTIMATE_SECONDS", 0.05)
     run_certify(recipe(runs, "certify.max_examples=3"))
     out = runs / "digits" / "certify"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
