@@ -22,7 +22,7 @@ still to do are dealt round-robin to the ranks; rank 0 appends to the TSV, rank 
 done. Each example's noise comes from its own generator, so the merged file is the one a
 single process writes.
 
-`estimate_certify` (`dmae certify --estimate`) builds the same jobs, times a short sample of
+`dmae_cli.estimate` (`dmae certify --estimate`) builds the same jobs, times a short sample of
 noisy forward passes on each and projects the cost of what is left, writing nothing.
 """
 
