@@ -291,6 +291,7 @@ class Trainer:
         if distributed.is_main() and self.run_dir.is_dir():
             checkpoint.remove_stale_temporaries(self.run_dir)
         if not path.is_file():
+            self._truncate_metrics(0)  # lines of epochs killed before their first checkpoint
             return False
         try:
             state = checkpoint.load_checkpoint(path, map_location=self.device)
@@ -540,14 +541,16 @@ class Trainer:
         rngs = distributed.gather_objects(checkpoint.rng_state())  # every rank's own streams
         if not distributed.is_main():
             return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        # `last.pth` goes last: it marks the epoch done, so a kill before it reruns the epoch,
+        # which rewrites every other file of it (the metrics line is dropped on resume).
         state = self.state(epoch, rngs)
-        checkpoint.save_checkpoint(self.run_dir / LAST, state)
         if (epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs:
             checkpoint.save_checkpoint(self.run_dir / f"checkpoint-{epoch + 1:04d}.pth", state)
         if self.on_checkpoint is not None:
             self.on_checkpoint(epoch, stats)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        checkpoint.save_checkpoint(self.run_dir / LAST, state)
 
     def state(self, epoch: int, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """A checkpoint in the official layout (model, optimizer, epoch, scaler) plus ours:
@@ -569,9 +572,19 @@ class Trainer:
         keep = [
             line
             for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("epoch", -1) < start_epoch
+            if _metrics_epoch(line) < start_epoch
         ]
         checkpoint.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _metrics_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for a torn or foreign one (dropped)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return math.inf
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if isinstance(epoch, int) else math.inf
 
 
 def _take(loader: DataLoader, count: int) -> Iterator[Any]:

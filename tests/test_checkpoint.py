@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,93 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
         atomic_write(tmp_path / "c.txt", explode)
     assert (tmp_path / "c.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
+
+
+def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    """A real SIGKILL (no `except` runs) half-way through `atomic_write`: the old file stays
+    whole, and the orphaned temporary is what `remove_stale_temporaries` cleans on resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dmae_cli.checkpoint import remove_stale_temporaries
+
+    target, ready = tmp_path / "last.pth", tmp_path / "half-written"
+    save_checkpoint(target, {"epoch": 1})
+    writer = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from dmae_cli.checkpoint import atomic_write\n"
+        "def half(f):\n"
+        "    f.write(b'x' * 4096)\n"
+        "    f.flush()\n"
+        "    Path(sys.argv[2]).touch()\n"
+        "    time.sleep(60)\n"
+        "atomic_write(sys.argv[1], half)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(target), str(ready)])
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    ready.unlink()
+    assert load_checkpoint(target) == {"epoch": 1}
+    assert len(list(tmp_path.glob(".last.pth.*.tmp"))) == 1
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL at one point of a run: nothing after it happens."""
+
+
+def kill_when_saving(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make the first `save_checkpoint` of a file called `name` die before writing it."""
+    from dmae_cli import checkpoint
+
+    real = checkpoint.save_checkpoint
+
+    def save(path: str | Path, state: dict) -> Path:
+        if Path(path).name == name:
+            monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+            raise Killed
+        return real(path, state)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+
+
+@pytest.mark.parametrize(
+    "killed_at",
+    [
+        "last.pth",  # epoch 0's first checkpoint: its metrics line must not be kept twice
+        "checkpoint-0002.pth",  # the periodic file: the epoch must not count as done
+    ],
+)
+def test_a_kill_while_saving_an_epoch_reruns_it_whole(
+    tiny_recipe, monkeypatch: pytest.MonkeyPatch, one_torch_thread: None, killed_at: str
+) -> None:
+    from dmae_cli.pretrain import run_pretrain
+
+    recipe = tiny_recipe("pretrain.epochs=2")
+    kill_when_saving(monkeypatch, killed_at)
+    with pytest.raises(Killed):
+        run_pretrain(recipe)
+    run_pretrain(recipe)
+    run = recipe.stage_dir("pretrain")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert (run / "checkpoint-0002.pth").is_file()
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tiny_recipe, one_torch_thread: None) -> None:
+    from dmae_cli.pretrain import run_pretrain
+
+    run_pretrain(tiny_recipe("pretrain.epochs=1"))
+    run = tiny_recipe().stage_dir("pretrain")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "lo')  # a power cut in the middle of the next line
+    run_pretrain(tiny_recipe("pretrain.epochs=2"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
