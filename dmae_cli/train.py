@@ -264,10 +264,7 @@ class Trainer:
         if self.make_optimizer is not None:
             self.optimizer = self.make_optimizer(groups, self.lr)
         else:
-            fused = self.device.type == "cuda"
-            self.optimizer = torch.optim.AdamW(
-                groups, lr=self.lr, betas=self.cfg.betas, fused=fused
-            )
+            self.optimizer = fused_adamw(groups, self.lr, self.cfg.betas)
         warmup = round(self.cfg.warmup_epochs * self.updates_per_epoch)
         self.scheduler = CosineLRScheduler(
             self.optimizer,
@@ -585,6 +582,19 @@ def _metrics_epoch(line: str) -> float:
         return math.inf
     epoch = record.get("epoch") if isinstance(record, dict) else None
     return epoch if isinstance(epoch, int) else math.inf
+
+
+def fused_adamw(groups: list[dict[str, Any]], lr: float, betas: Any) -> torch.optim.AdamW:
+    """AdamW with its fused kernel: one pass over all parameters instead of a loop per tensor.
+
+    Fused AdamW exists for CUDA and, since torch 2.4, for CPU, where it is about 3x faster than
+    the default per-tensor loop (and `foreach` is slower than that loop); an older torch or
+    another device gets the default implementation.
+    """
+    try:  # copies: a failed constructor leaves its defaults (fused=True) in the groups
+        return torch.optim.AdamW([dict(g) for g in groups], lr=lr, betas=betas, fused=True)
+    except RuntimeError:  # "fused=True requires all the params to be ... CUDA/CPU tensors"
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def _take(loader: DataLoader, count: int) -> Iterator[Any]:

@@ -10,7 +10,14 @@ import torch
 from dmae_cli.checkpoint import load_checkpoint
 from dmae_cli.pretrain import run_pretrain
 from dmae_cli.recipe import DataConfig, OptimConfig
-from dmae_cli.train import SpikeDetector, Trainer, TrainingDiverged, base_lr, build_loader
+from dmae_cli.train import (
+    SpikeDetector,
+    Trainer,
+    TrainingDiverged,
+    base_lr,
+    build_loader,
+    fused_adamw,
+)
 
 
 def lr_curve(cfg: OptimConfig, n_items: int = 40) -> list[float]:
@@ -187,3 +194,23 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(tiny_recipe, monkeypatch) ->
     b = load_checkpoint(split.stage_dir("pretrain") / "last.pth")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_adamw_is_fused_where_torch_has_it_and_plain_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    groups = [{"params": list(torch.nn.Linear(3, 3).parameters()), "weight_decay": 0.05}]
+    assert fused_adamw(groups, 1e-3, (0.9, 0.95)).defaults["fused"]  # CPU: torch >= 2.4
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, **kwargs):  # an older torch, or a device without the kernel
+        optimizer = real(params, **kwargs)
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be CUDA tensors")
+        return optimizer
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    optimizer = fused_adamw(groups, 1e-3, (0.9, 0.95))
+    assert not optimizer.defaults["fused"]
+    assert not optimizer.param_groups[0]["fused"]  # the failed try left nothing behind
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05
