@@ -263,8 +263,9 @@ def test_compile_without_a_working_compiler_is_one_line(
     monkeypatch.setattr(torch, "compile", no_compiler)
     out = tmp_path / "compiled"
     result = cli(
-        RECIPE, "--sigma", "0.5", "--set", f"runs_dir={runs}", "--compile", "--out", str(out)
-    )
+        RECIPE, "--sigma", "0.5", "--batch-size", "32", "--set", f"runs_dir={runs}", "--compile",
+        "--out", str(out),
+    )  # fmt: skip
     line = one_line_error(result)
     assert "--compile: torch.compile cannot compile the classifier on cpu" in line
     assert "certify without --compile" in line and not out.exists()  # before any file

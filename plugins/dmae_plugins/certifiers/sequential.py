@@ -60,9 +60,9 @@ class Sequential:
 
     name: ClassVar[str] = "sequential"
     first: int = 64  # the smallest look; fewer samples rarely settle anything
-    growth: float = 1.3  # ratio between looks: more looks stop sooner, at a smaller level each
+    growth: float = 1.15  # ratio between looks: more looks stop sooner, at a smaller level each
     last_share: float = 0.8  # the share of alpha spent at the last look
-    futility: float = 0.05  # give up once the chance to certify the next radius is below this
+    futility: float = 0.02  # give up once the chance to certify the next radius is below this
 
     def __post_init__(self) -> None:
         if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 1:
