@@ -57,9 +57,10 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from dmae_cli.models import DMAE, InputAdapter, build_backbone
+from dmae_cli.precision import autocast_dtype
 from dmae_cli.pretrain import dmae_loss
 from dmae_cli.recipe import DataConfig, PretrainConfig
-from dmae_cli.train import Trainer, autocast_dtype, build_loader
+from dmae_cli.train import Trainer, build_loader
 
 UNIQUE_IMAGES = 512  # distinct random images; an epoch cycles through them
 LR = 1.5e-4
@@ -341,7 +342,7 @@ def report(
     ratios = Spread.of([o / n for o, n in zip(rates["ours"], rates["naive"], strict=True)])
     flop = dmae_train_flops(ours.model, args.mask_ratio)
     peak = default_peak(args.device, args.peak_tflops)
-    amp = autocast_dtype(args.precision, torch.device(args.device))
+    amp = autocast_dtype(args.precision, torch.device(args.device), training=True)
     params = sum(p.numel() for p in ours.model.parameters())
     print(f"\n{command_line()}\n")
     print(f"machine: {machine(args.device)}")

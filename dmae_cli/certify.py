@@ -50,12 +50,12 @@ from dmae_cli.errors import UserError
 from dmae_cli.interleave import certify_together
 from dmae_cli.interrupt import GracefulStop, Interrupted
 from dmae_cli.models import load_classifier
+from dmae_cli.precision import autocast_dtype
 from dmae_cli.pretrain import load_dataset
 from dmae_cli.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
 from dmae_cli.sampler import (
     Sampler,
     auto_batch_size,
-    certify_dtype,
     example_generator,
     is_auto_batch,
 )
@@ -481,7 +481,7 @@ def build_sampler(
     batch_size = cfg.batch_size
     if is_auto_batch(batch_size):
         shape = (info.channels, info.image_size, info.image_size)
-        dtype = certify_dtype(recipe.precision, device)
+        dtype = autocast_dtype(recipe.precision, device)
         batch_size = auto_batch_size(model, shape, device, dtype, max(cfg.n0, cfg.n))
         ui.info(f"certify.batch_size auto: {batch_size} noisy copies per batch on {device}")
     return Sampler(

@@ -29,9 +29,10 @@ from dmae_cli import checkpoint, distributed, ui
 from dmae_cli.api import DatasetInfo
 from dmae_cli.errors import UserError
 from dmae_cli.models import Classifier, build_classifier
+from dmae_cli.precision import autocast_dtype
 from dmae_cli.pretrain import load_dataset, model_meta
 from dmae_cli.recipe import FinetuneConfig, OptimConfig, Recipe, recipe_to_yaml, sigma_name
-from dmae_cli.train import Trainer, autocast_dtype, build_loader, resolve_device
+from dmae_cli.train import Trainer, build_loader, resolve_device
 from dmae_cli.weights import load_encoder
 
 BEST = "best.pth"
@@ -386,7 +387,7 @@ def finetune_sigma(
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(recipe))
     keeper = BestKeeper(model, run_dir, meta, optim.epochs)
-    amp = autocast_dtype(recipe.precision, device)
+    amp = autocast_dtype(recipe.precision, device, training=True)
     test_loader = build_loader(test_set, recipe.data, optim.batch_size, recipe.seed, train=False)
     objective = build_objective(cfg, sigma, info.num_classes)
     trainer = Trainer(

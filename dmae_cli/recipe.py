@@ -198,7 +198,7 @@ class Recipe:
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     # auto: bf16 autocast on CUDA; on a CPU fp32 for training, and for certification bf16 when the
-    # CPU has native bf16 (AVX512-BF16 or AMX), else fp32
+    # CPU has native bf16 (AVX512-BF16 or AMX), else fp32 (see dmae_cli/precision.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     runs_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)

@@ -4,7 +4,7 @@ A certifier asks for `counts(num)` several times per image; each call draws `num
 the image plus N(0, sigma^2 I) noise, generated in fp32 in [0, 1] pixel space at the image's
 native resolution directly on the model's device (the model's `InputAdapter` then resizes and
 normalises), forwards them in batches (bf16 autocast under `precision: auto` on CUDA and on a
-CPU with native bf16 arithmetic, see `certify_dtype`), and votes with argmax. Predictions are
+CPU with native bf16 arithmetic, see `dmae_cli.precision`), and votes with argmax. Predictions are
 written into one preallocated device tensor and counted by a single `bincount` at the end, so
 the batches run back to back with no host synchronisation between them (CUDA's `bincount`
 synchronises to size its output: once per call, together with the copy of the counts to the
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn as nn
 from dmae_cli import distributed, ui
 from dmae_cli.api import CountsFn
 from dmae_cli.errors import UserError
-from dmae_cli.train import autocast
+from dmae_cli.precision import autocast, autocast_dtype, precision_name
 
 # Recent torch names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
 OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -40,9 +39,6 @@ OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.O
 # noise of `auto` the same on every CPU. Not measured beyond the digits model.
 AUTO_CPU_BATCH = 256
 AUTO_CUDA_MAX = 4096  # a cap on probing: a busy GPU gains nothing from larger batches
-# Instruction-set features (torch.cpu.get_capabilities / /proc/cpuinfo names) that make bf16
-# matrix products native on x86; without them oneDNN emulates bf16 and fp32 is as fast.
-NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16")
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -56,49 +52,6 @@ def example_seed(seed: int, index: int) -> int:
 
 def example_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(example_seed(seed, index))
-
-
-# -- precision --------------------------------------------------------------------------------
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), through oneDNN."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # recent torch
-    if capabilities is not None:
-        found = capabilities()
-        return any(bool(found.get(name)) for name in NATIVE_BF16_FEATURES)
-    legacy = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # older torch
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if legacy is not None and amx is not None:
-        return bool(legacy() or amx())
-    return bool(_cpuinfo_flags() & set(NATIVE_BF16_FEATURES))
-
-
-def _cpuinfo_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
-
-
-def certify_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype certification runs under; None means fp32.
-
-    `auto` is bf16 on CUDA, and on a CPU with native bf16 (where it is about twice as fast);
-    training keeps fp32 on every CPU. A vote is an argmax, which bf16 rarely moves, and the
-    certificate holds for whichever classifier votes: precision changes which classifier is
-    smoothed, never the validity of its radius.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or device.type == "cuda" or cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return "fp32" if dtype is None else "bf16"
 
 
 # -- batch size -------------------------------------------------------------------------------
@@ -175,7 +128,7 @@ class Sampler:
         self.batch_size = batch_size
         self.forward_size = batch_size
         self.device = torch.device(device)
-        self.amp = certify_dtype(precision, self.device)
+        self.amp = autocast_dtype(precision, self.device)
         self.precision = precision_name(self.amp)
         self.compiled = compile
         # A dynamic batch dimension: one compilation serves the n0 copies of the selection,

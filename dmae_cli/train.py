@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from dmae_cli import checkpoint, distributed, ui
 from dmae_cli.errors import UserError
 from dmae_cli.interrupt import GracefulStop, Interrupted
+from dmae_cli.precision import autocast, autocast_dtype
 from dmae_cli.recipe import DataConfig, OptimConfig
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -140,20 +141,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' requested but CUDA is not available")
     return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default, fp32 on CPU; None means no autocast."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
-def autocast(dtype: torch.dtype | None, device: torch.device) -> Any:
-    """`torch.autocast` to `dtype` on `device`, or nothing when `dtype` is None (fp32)."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def base_lr(cfg: OptimConfig) -> float:
@@ -275,7 +262,7 @@ class Trainer:
             warmup_prefix=True,
             t_in_epochs=False,
         )
-        self.amp_dtype = autocast_dtype(self.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.precision, self.device, training=True)
         self.start_epoch = 0
         self.partial: dict[str, Any] | None = None  # where an interrupted epoch stopped
         self.history: list[dict[str, Any]] = []

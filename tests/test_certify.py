@@ -32,8 +32,8 @@ from dmae_cli.cli import app
 from dmae_cli.errors import UserError
 from dmae_cli.estimate import estimate_certify
 from dmae_cli.interrupt import Interrupted
+from dmae_cli.precision import autocast_dtype, precision_name
 from dmae_cli.recipe import Recipe, load_recipe, recipe_to_yaml
-from dmae_cli.sampler import certify_dtype, precision_name
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
 from tests.conftest import one_line_error, save_classifier
@@ -41,7 +41,7 @@ from tests.conftest import one_line_error, save_classifier
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "digits.yaml")
 SMALL = ["certify.n=60", "certify.n0=10", "certify.batch_size=32", "certify.max_examples=8"]
-CPU_AUTO_PRECISION = precision_name(certify_dtype("auto", torch.device("cpu")))
+CPU_AUTO_PRECISION = precision_name(autocast_dtype("auto", torch.device("cpu")))
 runner = CliRunner()
 
 

@@ -9,19 +9,18 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dmae_cli import precision as precision_module
 from dmae_cli import sampler as sampler_module
 from dmae_cli.errors import UserError
 from dmae_cli.models import build_classifier
+from dmae_cli.precision import autocast_dtype, cpu_has_native_bf16
 from dmae_cli.sampler import (
     OUT_OF_MEMORY,
     Sampler,
     auto_batch_size,
-    certify_dtype,
-    cpu_has_native_bf16,
     example_generator,
     example_seed,
 )
-from dmae_cli.train import autocast_dtype
 
 CPU = torch.device("cpu")
 
@@ -250,19 +249,20 @@ def test_cuda_auto_batch_size_runs() -> None:
 
 
 # -- precision and compilation --------------------------------------------------------------------
-def test_auto_precision_is_bf16_on_a_cpu_with_native_bf16_only(
+def test_auto_precision_is_bf16_on_cuda_and_for_certification_on_a_native_bf16_cpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert isinstance(cpu_has_native_bf16(), bool)
     cuda = torch.device("cuda")
-    assert certify_dtype("fp32", cuda) is None and certify_dtype("bf16", CPU) == torch.bfloat16
-    assert certify_dtype("auto", cuda) == torch.bfloat16
+    assert autocast_dtype("fp32", cuda) is None and autocast_dtype("bf16", CPU) == torch.bfloat16
+    assert autocast_dtype("auto", cuda) == torch.bfloat16
     for native, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(sampler_module, "cpu_has_native_bf16", lambda native=native: native)
-        assert certify_dtype("auto", CPU) == expected
+        monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert autocast_dtype("auto", CPU) == expected
         sampler = Sampler(Spy(), sigma=0.5, num_classes=2, batch_size=4, device=CPU)
         assert sampler.precision == ("bf16" if native else "fp32")
-    assert autocast_dtype("auto", CPU) is None  # training stays fp32 on every CPU
+        assert autocast_dtype("auto", CPU, training=True) is None  # training: fp32 on CPUs
+    assert autocast_dtype("auto", cuda, training=True) == torch.bfloat16
 
 
 def test_compiled_counts_equal_eager_counts() -> None:
