@@ -129,7 +129,6 @@ class Sampler:
         self.forward_size = batch_size
         self.device = torch.device(device)
         self.amp = autocast_dtype(precision, self.device)
-        self.precision = precision_name(self.amp)
         self.compiled = compile
         # A dynamic batch dimension: one compilation serves the n0 copies of the selection,
         # the full batches and every call's last, partial one. Padding to one static shape
@@ -138,6 +137,11 @@ class Sampler:
         self.forward: Any = torch.compile(self.model, dynamic=True) if compile else self.model
         self.compile_seconds = 0.0
         self.drawn = 0
+
+    @property
+    def precision(self) -> str:
+        """The resolved precision, "bf16" or "fp32" (what the certification header records)."""
+        return precision_name(self.amp)
 
     def counts(self, image: torch.Tensor, generator: torch.Generator) -> CountsFn:
         """The `counts(num)` function of one (C, H, W) image in [0, 1], for a certifier."""
