@@ -7,9 +7,9 @@ certifier is a plain function that calls `counts(num)` and waits for the answer)
 whenever every unfinished certification is waiting, it answers all their requests with
 forward passes packed from all of them.
 
-Nothing about the result depends on the packing: each request's noise is drawn from its
-example's own generator in the same chunks of `batch_size` copies as `Sampler.counts` draws
-it, so an example gets exactly the noise it would get alone, and the votes are the model's
+Nothing about the result depends on the packing: each request's noise comes from its
+example's own `NoiseStream`, whose copies do not depend on how they are asked for, so an
+example gets exactly the noise it would get alone, and the votes are the model's
 argmax on those inputs (equal up to the floating-point effect of batch composition, as any
 change of batch size). The group is fixed by the caller, so a rerun over the same group packs
 the same batches.
@@ -28,7 +28,7 @@ from typing import TypeVar
 import torch
 
 from dmae_cli.api import CountsFn
-from dmae_cli.sampler import Sampler
+from dmae_cli.sampler import NoiseStream, Sampler
 
 T = TypeVar("T")
 Task = Callable[[CountsFn], T]  # one certification, given its example's counts function
@@ -36,10 +36,10 @@ Task = Callable[[CountsFn], T]  # one certification, given its example's counts 
 
 @dataclass
 class Request:
-    """`num` noisy copies of `clean` (1, C, H, W), noise from `generator`; answered in place."""
+    """`num` noisy copies of `clean` (1, C, H, W), noise from `stream`; answered in place."""
 
     clean: torch.Tensor
-    generator: torch.Generator
+    stream: NoiseStream
     num: int
     answered: threading.Event = field(default_factory=threading.Event)
     counts: torch.Tensor | None = None
@@ -58,8 +58,9 @@ def certify_together(
 
     def work(slot: int, image: torch.Tensor, generator: torch.Generator, task: Task[T]) -> None:
         clean = image.to(sampler.device, torch.float32).unsqueeze(0)
+        stream = NoiseStream(generator, tuple(clean.shape[1:]))
         try:
-            results[slot] = task(lambda num: board.ask(Request(clean, generator, num)))
+            results[slot] = task(lambda num: board.ask(Request(clean, stream, num)))
         except BaseException as error:  # handed to the caller once the others finish
             errors.append(error)
         finally:
@@ -112,8 +113,8 @@ class _Board:
 
 
 def answer(sampler: Sampler, requests: list[Request]) -> None:
-    """Draw every request's noise in its own chunks, pack the chunks into forward passes of at
-    most `batch_size` copies, and hand each request its class counts."""
+    """Make every request's copies `batch_size` at a time, pack them into forward passes of
+    at most `batch_size` copies, and hand each request its class counts."""
     votes = [torch.empty(r.num, dtype=torch.int64, device=sampler.device) for r in requests]
     batch: list[torch.Tensor] = []  # noisy chunks waiting for the next forward pass
     places: list[tuple[int, int, int]] = []  # (request, start, size) of each chunk
@@ -126,7 +127,7 @@ def answer(sampler: Sampler, requests: list[Request]) -> None:
             ):
                 _forward(sampler, batch, places, votes)
                 batch, places, filled = [], [], 0
-            batch.append(sampler.noisy(request.clean, size, request.generator))
+            batch.append(sampler.noisy(request.clean, size, request.stream))
             places.append((which, start, size))
             filled += size
     if batch:

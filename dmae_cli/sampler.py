@@ -11,12 +11,15 @@ synchronises to size its output: once per call, together with the copy of the co
 host, instead of once per batch). Inputs stay in the default NCHW layout: channels-last buys a
 ViT nothing, its only convolution is the patch embedding.
 
-Every example draws its noise from its own generator, seeded from (seed, example index), so a
-certificate does not depend on how many processes share the work, on which examples ran
-before it, or on a resume. The noise is drawn `batch_size` copies per generator call, so
-another batch size draws other (equally valid) noise; out of device memory, the sampler
-halves the copies per forward pass (`forward_size`) but keeps drawing `batch_size` at a time,
-so the counts are those of a run that never ran out of memory.
+Every example draws its noise from its own stream (`NoiseStream`): a generator seeded from
+(seed, example index), called for `NOISE_CHUNK` copies at a time, the unused rest of a call
+kept for the next request. So noisy copy number i of an example is the same whatever came
+before it (other examples, another process's share of the work, a resume) and however the
+copies are asked for: the batch size, the sizes of a certifier's requests, the packing of
+several examples into one forward pass (`dmae_cli.interleave`) and the out-of-memory back-off
+(which halves the copies per forward pass, `forward_size`) leave the noise unchanged. Two
+certifiers run with one seed therefore see the same noise, copy for copy: a sequential
+certifier's votes are a prefix of `cohen`'s, which makes their comparison a paired one.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.O
 # noise of `auto` the same on every CPU. Not measured beyond the digits model.
 AUTO_CPU_BATCH = 256
 AUTO_CUDA_MAX = 4096  # a cap on probing: a busy GPU gains nothing from larger batches
+# Copies per generator call: large enough that a call costs little next to a forward pass,
+# small enough that the rest kept per example (8 examples interleaved) is a small buffer.
+NOISE_CHUNK = 64
 
 
 def example_seed(seed: int, index: int) -> int:
@@ -52,6 +58,35 @@ def example_seed(seed: int, index: int) -> int:
 
 def example_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(example_seed(seed, index))
+
+
+class NoiseStream:
+    """The standard normal noise of one example: copy i is the same however it is asked for.
+
+    The generator is called for `NOISE_CHUNK` copies of `shape` at a time, and what a request
+    leaves of a call serves the next, so the stream of copies does not depend on the sizes of
+    the requests (see the module docstring).
+    """
+
+    def __init__(self, generator: torch.Generator, shape: tuple[int, ...]) -> None:
+        self.generator = generator
+        self.shape = shape
+        self.left = torch.empty((0, *shape), device=generator.device)
+
+    def take(self, size: int) -> torch.Tensor:
+        """The next `size` copies, (size, *shape), in fp32 on the generator's device."""
+        parts = []
+        while size > 0:
+            if not len(self.left):
+                self.left = torch.randn(
+                    (NOISE_CHUNK, *self.shape), generator=self.generator, device=self.left.device
+                )
+            part, self.left = self.left[:size], self.left[size:]
+            parts.append(part)
+            size -= len(part)
+        if not parts:
+            return self.left[:0]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # -- batch size -------------------------------------------------------------------------------
@@ -100,9 +135,10 @@ def _forward_fits(
 class Sampler:
     """Counts the votes of `model` on noisy copies of an image, `batch_size` copies at a time.
 
-    `batch_size` copies are drawn per generator call and forwarded `forward_size` at a time
-    (equal, until the device runs out of memory). `compile=True` runs the model through
-    `torch.compile`; call `warm_up` first so that compiling happens, or fails, up front.
+    Copies are made `batch_size` at a time and forwarded `forward_size` at a time (equal,
+    until the device runs out of memory); their noise comes from each example's
+    `NoiseStream`. `compile=True` runs the model through `torch.compile`; call `warm_up`
+    first so that compiling happens, or fails, up front.
     `drawn` counts every noisy copy classified so far (for throughput displays).
     """
 
@@ -146,7 +182,8 @@ class Sampler:
     def counts(self, image: torch.Tensor, generator: torch.Generator) -> CountsFn:
         """The `counts(num)` function of one (C, H, W) image in [0, 1], for a certifier."""
         clean = image.to(self.device, torch.float32).unsqueeze(0)
-        return lambda num: self._count(clean, num, generator)
+        stream = NoiseStream(generator, tuple(clean.shape[1:]))
+        return lambda num: self._count(clean, num, stream)
 
     def warm_up(self, image: torch.Tensor) -> None:
         """Classify one batch of noisy copies of `image` and forget it: compiles the model.
@@ -179,18 +216,17 @@ class Sampler:
         ) from exc
 
     @torch.inference_mode()
-    def _count(self, clean: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+    def _count(self, clean: torch.Tensor, num: int, stream: NoiseStream) -> torch.Tensor:
         votes = torch.empty(num, dtype=torch.int64, device=self.device)
         for start in range(0, num, self.batch_size):
             size = min(self.batch_size, num - start)
-            votes[start : start + size] = self.classify(self.noisy(clean, size, generator))
+            votes[start : start + size] = self.classify(self.noisy(clean, size, stream))
         self.drawn += num
         return torch.bincount(votes, minlength=self.num_classes).cpu()
 
-    def noisy(self, clean: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-        """`size` copies of `clean` (1, C, H, W) plus noise: one generator call, in fp32."""
-        noise = torch.randn((size, *clean.shape[1:]), generator=generator, device=self.device)
-        return noise.mul_(self.sigma).add_(clean)
+    def noisy(self, clean: torch.Tensor, size: int, stream: NoiseStream) -> torch.Tensor:
+        """The next `size` copies of `clean` (1, C, H, W) plus sigma times `stream`, in fp32."""
+        return stream.take(size).mul(self.sigma).add_(clean)
 
     @torch.inference_mode()
     def classify(self, noisy: torch.Tensor) -> torch.Tensor:

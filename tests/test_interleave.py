@@ -10,6 +10,7 @@ import torch.nn as nn
 from dmae_cli.api import CertifyRequest, CountsFn
 from dmae_cli.interleave import certify_together
 from dmae_cli.sampler import Sampler, example_generator
+from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
 
 CPU = torch.device("cpu")
@@ -98,3 +99,23 @@ def test_sequential_certificates_are_the_same_together_and_alone() -> None:
         for i, p in enumerate(pictures)
     ]
     assert certify_together(sampler(PixelVote()), tasks) == alone
+
+
+def test_sequential_sees_a_prefix_of_cohens_noise_so_the_two_compare_paired() -> None:
+    # One seed, one stream per example: whatever sizes sequential asks for (and packed with
+    # other examples), its selection and first m estimation copies are cohen's, so at m
+    # copies it counts exactly what cohen counts.
+    request = CertifyRequest(0.25, 0.001, 50, 2000, radii=(0.25, 0.5))
+    # 12 pixels: torch's CPU generator happens to split evenly at multiples of 16 numbers.
+    pictures = [torch.full((1, 3, 4), 0.5) for _ in range(4)]
+    for picture, lead in zip(pictures, (1.0, 1.3, 1.6, 2.2), strict=True):
+        picture[0, 0, 0] += lead  # pA from about 0.7 to 0.99: stops at many different sizes
+    tasks = [
+        (p, example_generator(3, i, CPU), lambda c: Sequential().certify(c, request))
+        for i, p in enumerate(pictures)
+    ]
+    for i, sequential in enumerate(certify_together(sampler(PixelVote()), tasks)):
+        same_n = CertifyRequest(0.25, 0.001, 50, sequential.n, radii=(0.25, 0.5))
+        counts = sampler(PixelVote()).counts(pictures[i], example_generator(3, i, CPU))
+        cohen = Cohen().certify(counts, same_n)
+        assert (sequential.count_top, sequential.n) == (cohen.count_top, cohen.n)

@@ -15,7 +15,9 @@ from dmae_cli.errors import UserError
 from dmae_cli.models import build_classifier
 from dmae_cli.precision import autocast_dtype, cpu_has_native_bf16
 from dmae_cli.sampler import (
+    NOISE_CHUNK,
     OUT_OF_MEMORY,
+    NoiseStream,
     Sampler,
     auto_batch_size,
     example_generator,
@@ -80,12 +82,14 @@ def test_counts_match_a_sample_by_sample_reference() -> None:
     )  # fp32 like the reference below: auto may be bf16 on this CPU
     counts = sampler.counts(image, example_generator(3, 11, CPU))(200)
     generator = example_generator(3, 11, torch.device("cpu"))
+    calls = -(-200 // NOISE_CHUNK)  # the same noise stream: whole generator calls, cut at 200
+    noise = torch.cat(
+        [torch.randn((NOISE_CHUNK, 1, 8, 8), generator=generator) for _ in range(calls)]
+    )
     expected = torch.zeros(10, dtype=torch.int64)
     with torch.no_grad():
-        for start in range(0, 200, 64):  # the same noise stream, one forward per sample
-            noise = torch.randn((min(64, 200 - start), 1, 8, 8), generator=generator)
-            for x in image + 0.25 * noise:
-                expected[model(x[None]).argmax()] += 1
+        for x in image + 0.25 * noise[:200]:  # one forward per sample
+            expected[model(x[None]).argmax()] += 1
     assert torch.equal(counts, expected)
     assert counts.sum() == 200 and counts.shape == (10,)
 
@@ -107,6 +111,36 @@ def test_each_example_has_its_own_reproducible_noise() -> None:
     assert run([1])[1] == run([0, 1])[1]  # nor what ran before (a resume, another rank)
     assert len({example_seed(s, i) for s in range(20) for i in range(500)}) == 20 * 500
     assert all(0 <= example_seed(s, 10**9) < 2**63 for s in (0, 1, 2**40))
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "requests"),
+    [(1000, [700]), (7, [700]), (64, [5, 300, 17, 1, 377]), (300, [64] * 10 + [60])],
+)
+def test_an_examples_noise_does_not_depend_on_batch_size_or_request_sizes(
+    batch_size: int, requests: list[int]
+) -> None:
+    # Copy i of an example is the same however it is asked for, so certifiers that split
+    # their requests differently (cohen, sequential) see the same noise, copy for copy.
+    spy = Spy()
+    sampler = Sampler(spy, sigma=0.5, num_classes=2, batch_size=batch_size, device=CPU)
+    image = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(1))  # 25: not 16k
+    counts = sampler.counts(image, example_generator(2, 5, CPU))
+    for size in requests:
+        counts(size)
+    noise = torch.cat(spy.inputs)[:700] - image
+    reference = NoiseStream(example_generator(2, 5, CPU), (1, 5, 5)).take(700)
+    assert torch.allclose(noise, 0.5 * reference, atol=1e-6)
+    assert max(len(x) for x in spy.inputs) <= batch_size
+
+
+def test_noise_stream_keeps_the_rest_of_a_call_for_the_next_request() -> None:
+    whole = NoiseStream(example_generator(0, 0, CPU), (2, 3)).take(3 * NOISE_CHUNK + 5)
+    stream = NoiseStream(example_generator(0, 0, CPU), (2, 3))
+    parts = [stream.take(size) for size in (0, 1, NOISE_CHUNK, 2 * NOISE_CHUNK - 1, 5)]
+    assert [len(p) for p in parts] == [0, 1, NOISE_CHUNK, 2 * NOISE_CHUNK - 1, 5]
+    assert torch.equal(torch.cat(parts), whole)
+    assert whole.dtype == torch.float32 and abs(float(whole.std()) - 1) < 0.1
 
 
 def test_zero_samples_and_bad_arguments() -> None:
