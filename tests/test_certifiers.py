@@ -7,6 +7,7 @@ the true radius sigma * PhiInverse(pA) is known exactly.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -176,6 +177,27 @@ def test_sequential_looks_are_geometric_and_end_at_the_budget() -> None:
         Sequential(last_share=0.0)
     with pytest.raises(ValueError, match="futility"):
         Sequential(futility=1.0)
+    with pytest.raises(ValueError, match="check_growth"):
+        Sequential(check_growth=1)
+
+
+@pytest.mark.parametrize(("first", "ratio"), [(1, 1.05), (1, 1.15), (5, 1.001), (64, 1.05)])
+def test_sequential_schedules_end_at_the_budget_and_always_grow(first: int, ratio: float) -> None:
+    # Rounding up n / ratio repeats a small size forever near 1 / (ratio - 1): this hung once.
+    for schedule in (
+        Sequential(first=first, growth=ratio).looks(100),
+        Sequential(first=first, check_growth=ratio).checks(100),
+    ):
+        assert schedule[-1] == 100 and schedule[0] >= min(first, 100)
+        assert all(a < b for a, b in itertools.pairwise(schedule))
+
+
+def test_sequential_checks_futility_between_looks_at_no_cost_in_alpha() -> None:
+    sequential = Sequential()
+    looks, checks = sequential.looks(10_000), sequential.checks(10_000)
+    assert set(looks) <= set(checks) and len(checks) > 2 * len(looks)
+    # Levels are spent at the looks alone, so the checks leave the union bound as it was.
+    assert math.isclose(sum(sequential.levels(0.001, len(looks))), 0.001, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize(("looks", "share"), [(1, 0.8), (13, 0.8), (5, 0.5), (4, 1.0)])
@@ -215,6 +237,9 @@ def test_sequential_gives_up_early_on_an_input_just_below_a_threshold() -> None:
     certs = [Sequential().certify(synthetic((0.83, 0.17), rng), request) for _ in range(20)]
     assert np.mean([c.n for c in certs]) < 0.3 * request.n
     assert all(c.extra["stop"] == "futile" and 0.25 <= c.radius < 0.5 for c in certs)
+    # Most give up at a check between looks: waiting for the next look would cost up to 15%.
+    looks = set(Sequential().looks(request.n))
+    assert sum(c.n not in looks for c in certs) > len(certs) / 2
 
 
 # -- simulated guarantees --------------------------------------------------------------------

@@ -32,7 +32,9 @@ class Sequential:
          radius is certified; or (b) the chance that the last look would still certify t is
          below `futility`; or (c) the budget n is spent. The chance in (b) is the posterior
          predictive probability, under a uniform prior on pA, that the votes still to come
-         reach the count the last look needs (a beta-binomial tail).
+         reach the count the last look needs (a beta-binomial tail). (b) is checked at the
+         looks and between them, on a finer geometric grid (ratio `check_growth`): a check
+         computes no bound, so it spends no alpha, and a hopeless input stops sooner.
       4. L >= 1/2: predict cA with radius sigma * PhiInverse(L); else abstain.
 
     Guarantee: the looks and their levels are fixed in advance and sum to alpha, so by the
@@ -63,12 +65,15 @@ class Sequential:
     growth: float = 1.15  # ratio between looks: more looks stop sooner, at a smaller level each
     last_share: float = 0.8  # the share of alpha spent at the last look
     futility: float = 0.02  # give up once the chance to certify the next radius is below this
+    check_growth: float = 1.05  # ratio between futility checks (free: they spend no alpha)
 
     def __post_init__(self) -> None:
         if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 1:
             raise ValueError(f"sequential: first must be an integer >= 1, got {self.first!r}")
-        if not _is_number(self.growth) or not self.growth > 1:
-            raise ValueError(f"sequential: growth must be a number > 1, got {self.growth!r}")
+        for knob in ("growth", "check_growth"):
+            value = getattr(self, knob)
+            if not _is_number(value) or not value > 1:
+                raise ValueError(f"sequential: {knob} must be a number > 1, got {value!r}")
         if not _is_number(self.last_share) or not 0 < self.last_share <= 1:
             raise ValueError(
                 f"sequential: last_share must be a number in (0, 1], got {self.last_share!r}"
@@ -80,10 +85,12 @@ class Sequential:
 
     def looks(self, n: int) -> list[int]:
         """The sample sizes at which the bounds are computed: ..., n / growth^2, n / growth, n."""
-        sizes = [n]
-        while math.ceil(sizes[-1] / self.growth) >= self.first:
-            sizes.append(math.ceil(sizes[-1] / self.growth))
-        return sizes[::-1]
+        return _geometric(self.first, self.growth, n)
+
+    def checks(self, n: int) -> list[int]:
+        """The sample sizes at which to decide whether to stop: the looks and the futility
+        checks between them."""
+        return sorted(set(self.looks(n)) | set(_geometric(self.first, self.check_growth, n)))
 
     def levels(self, alpha: float, looks: int) -> list[float]:
         """The level of each look's bound: `last_share` of alpha last, the rest shared equally.
@@ -102,16 +109,16 @@ class Sequential:
         if request.label is not None and selected != request.label:
             return Certificate.skipped(selected, n0)
         looks = self.looks(n)
-        levels = self.levels(request.alpha, len(looks))
+        levels = dict(zip(looks, self.levels(request.alpha, len(looks)), strict=True))
         targets = thresholds(request.sigma, request.radii)
         n_a = drawn = 0
         lower = 0.0
-        for look, level in zip(looks, levels, strict=True):
-            n_a += int(counts(look - drawn)[selected])
-            drawn = look
-            if level > 0:
-                lower = max(lower, cp_lower(n_a, drawn, level))
-            stop = self._stop(lower, targets, n_a, drawn, n, levels[-1])
+        for size in self.checks(n):
+            n_a += int(counts(size - drawn)[selected])
+            drawn = size
+            if levels.get(size, 0.0) > 0:
+                lower = max(lower, cp_lower(n_a, drawn, levels[size]))
+            stop = self._stop(lower, targets, n_a, drawn, n, levels[n])
             if stop:
                 break
         extra = {"pa_lower": lower, "stop": stop}
@@ -162,6 +169,17 @@ def votes_needed(n: int, level: float, threshold: float) -> int:
         else:
             low = middle + 1
     return low
+
+
+def _geometric(first: int, ratio: float, n: int) -> list[int]:
+    """Sample sizes ..., n / ratio^2, n / ratio, n (rounded up), none below `first` but n.
+
+    Near 1/(ratio - 1) rounding up would repeat a size forever; each step takes at least one.
+    """
+    sizes = [n]
+    while (smaller := min(math.ceil(sizes[-1] / ratio), sizes[-1] - 1)) >= max(first, 1):
+        sizes.append(smaller)
+    return sizes[::-1]
 
 
 def _is_number(value: object) -> bool:
