@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dmae_cli.sampler import NoiseStream
+
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor cores (no sparsity)
 PEAK_HELP = (
     "device peak in TFLOP/s for the fraction printed (default on CUDA: 989, H100 SXM dense "
@@ -28,19 +30,29 @@ PEAK_HELP = (
 
 # -- the naive certification loop (Cohen et al.'s core.py) -------------------------------------
 def naive_counts(
-    model: nn.Module, x: torch.Tensor, num: int, batch_size: int, num_classes: int, sigma: float
+    model: nn.Module,
+    x: torch.Tensor,
+    num: int,
+    batch_size: int,
+    num_classes: int,
+    sigma: float,
+    stream: NoiseStream | None = None,
 ) -> np.ndarray:
     """Cohen et al.'s `Smooth._sample_noise`, in behaviour: fp32, `x.repeat` per batch,
     `randn_like * sigma` from the global RNG, argmax, and the counts accumulated on the host
     batch by batch (`np.bincount` where the original loops over the array in Python: the
-    same counts, never slower)."""
+    same counts, never slower). With `stream`, the noise is read from it instead of the global
+    RNG: an example's `NoiseStream` gives the noise `dmae certify` draws for it, copy for copy."""
     with torch.no_grad():
         counts = np.zeros(num_classes, dtype=int)
         for _ in range(int(np.ceil(num / batch_size))):
             this_batch_size = min(batch_size, num)
             num -= this_batch_size
             batch = x.repeat((this_batch_size, 1, 1, 1))
-            noise = torch.randn_like(batch, device=x.device) * sigma
+            if stream is None:
+                noise = torch.randn_like(batch, device=x.device) * sigma
+            else:
+                noise = stream.take(this_batch_size) * sigma
             predictions = model(batch + noise).argmax(1)
             counts += np.bincount(predictions.cpu().numpy(), minlength=num_classes)
         return counts

@@ -10,12 +10,17 @@ are settled or out of reach) and `--precision` (`auto`: whatever `dmae certify` 
 the header it writes records the resolved precision and batch size, printed below).
 
 Naive: written like the official `certify.py` + `core.py` of Cohen et al. (2019): fp32; a fresh
-Python loop per image; `_sample_noise` with `x.repeat(this_batch, 1, 1, 1)`, `randn_like *
-sigma` from the global RNG (seeded once with `--seed`), argmax and counts accumulated on the
-host batch by batch, n0 copies to select, n fresh copies to estimate, always all n (no early
-exit); the one-sided Clopper-Pearson bound (`proportion_confint(nA, n, 2 * alpha, "beta")`,
-statsmodels when installed, else the same Beta quantile from scipy), radius sigma *
-norm.ppf(pA_lower), abstaining below 1/2; a row per image written and flushed as it finishes.
+Python loop per image; `_sample_noise` with `x.repeat(this_batch, 1, 1, 1)`, `* sigma` noise,
+argmax and counts accumulated on the host batch by batch, n0 copies to select, n fresh copies
+to estimate, always all n (no early exit); the one-sided Clopper-Pearson bound
+(`proportion_confint(nA, n, 2 * alpha, "beta")`, statsmodels when installed, else the same
+Beta quantile from scipy), radius sigma * norm.ppf(pA_lower), abstaining below 1/2; a row
+per image written and flushed as it finishes.
+Its noise (`--naive-noise`): `stream` (default) reads each example's `NoiseStream`, the noise
+`dmae certify` draws for it with the same seed, copy for copy, so the two paths differ only in
+what is measured (precision, batching, early stopping), not in luck; `global` is the official
+code's `randn_like` from the global RNG seeded once, other noise altogether, whose certified
+accuracy differs from ours by the seed-to-seed spread as well (about 1 point on digits).
 
 Prints for both: wall seconds, noisy forward passes (in all and per image), certified accuracy
 at radius 0 and each of `--radii`, and the ratios (wall time, forward passes, naive / ours) and
@@ -53,6 +58,7 @@ from dmae_cli.errors import UserError
 from dmae_cli.models import load_classifier
 from dmae_cli.pretrain import load_dataset
 from dmae_cli.recipe import Recipe, load_recipe, sigma_name
+from dmae_cli.sampler import NoiseStream, example_generator
 
 REPO = Path(__file__).resolve().parents[1]
 ABSTAIN = -1
@@ -85,15 +91,19 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
 
 
 def cohen_certify(
-    model: nn.Module, x: torch.Tensor, args: argparse.Namespace, num_classes: int
+    model: nn.Module,
+    x: torch.Tensor,
+    args: argparse.Namespace,
+    num_classes: int,
+    stream: NoiseStream | None,
 ) -> tuple[int, float]:
     """`Smooth.certify`: n0 copies select cA, n fresh copies bound pA, always all of them.
-    `args` carries sigma, n0, n, alpha and batch_size."""
+    `args` carries sigma, n0, n, alpha and batch_size; `stream` the noise (None: global RNG)."""
     model.eval()
     sigma, batch = args.sigma, args.batch_size
-    counts_selection = naive_counts(model, x, args.n0, batch, num_classes, sigma)
+    counts_selection = naive_counts(model, x, args.n0, batch, num_classes, sigma, stream)
     c_a = int(counts_selection.argmax().item())
-    counts_estimation = naive_counts(model, x, args.n, batch, num_classes, sigma)
+    counts_estimation = naive_counts(model, x, args.n, batch, num_classes, sigma, stream)
     n_a = int(counts_estimation[c_a].item())
     p_a = lower_confidence_bound(n_a, args.n, args.alpha)
     if p_a < 0.5:
@@ -119,7 +129,10 @@ def naive(
             x, label = dataset[i]
             before = time.perf_counter()
             x = x.to(device)
-            prediction, radius = cohen_certify(model, x, args, num_classes)
+            stream = None
+            if args.naive_noise == "stream":
+                stream = NoiseStream(example_generator(recipe.seed, i, device), tuple(x.shape))
+            prediction, radius = cohen_certify(model, x, args, num_classes, stream)
             after = time.perf_counter()
             correct = int(prediction == int(label))
             print(
@@ -131,7 +144,8 @@ def naive(
     sync(device)
     end = time.perf_counter()
     passes = len(indices) * (args.n0 + args.n)
-    return Outcome("naive", end - start, end - loop, passes, rows, {"precision": "fp32"})
+    notes = {"precision": "fp32", "noise": args.naive_noise}
+    return Outcome("naive", end - start, end - loop, passes, rows, notes)
 
 
 # -- ours: dmae certify ----------------------------------------------------------------------
@@ -221,7 +235,10 @@ def report(
         f"ours: dmae certify --certifier {n['certifier']}, precision {n['precision']}, batch "
         f"{n['batch_size']}, skip_wrong {n['skip_wrong']}; stops {n['stops']}; rows in {n['tsv']}"
     )
-    print(f"naive: Cohen certify.py + core.py, fp32, batch {args.batch_size}, fixed n")
+    print(
+        f"naive: Cohen certify.py + core.py, fp32, batch {args.batch_size}, fixed n, noise "
+        f"{args.naive_noise}"
+    )
     for o in (base, fast):
         print(
             f"{o.name:5s}: wall {o.wall:8.1f} s (certifying {o.loop:.1f} s), {o.passes:,} noisy "
@@ -247,7 +264,7 @@ def report(
         print(f"ours: {3600 * count / fast.wall:,.0f} certified images per GPU-hour (end to end)")
     print()
     label_ours = f"ours (`dmae certify --certifier {n['certifier']}`, {n['precision']})"
-    label_naive = "naive (Cohen `certify.py`, fp32, fixed n)"
+    label_naive = f"naive (Cohen `certify.py`, fp32, fixed n, {args.naive_noise} noise)"
     head = ["path", "wall s", "noisy passes", "per image", *(f"r={r:g}" for r in radii)]
     table = [
         [label_naive, f"{base.wall:.1f}", f"{base.passes:,}", f"{base.passes / count:,.0f}"]
@@ -290,6 +307,12 @@ def main() -> None:
         "--skip-wrong",
         action="store_true",
         help="ours skips estimation when the selected class is wrong (Cohen's code never does)",
+    )
+    parser.add_argument(
+        "--naive-noise",
+        choices=["stream", "global"],
+        default="stream",
+        help="naive's noise: each example's stream, as ours (paired), or the global RNG",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="keep both paths' TSV files here (empty dir)")

@@ -5,9 +5,11 @@ is the mean number of noisy forward passes per image (n0 + estimation samples) a
 certified accuracy at each report radius. Two sources of images:
 
   simulated  a population of `--size` inputs with known probabilities (the true class gets
-             pA, a runner-up 0.8 (1 - pA), an eighth class the rest), and a base classifier
-             whose votes are one multinomial draw per `counts` call: thousands of inputs in
-             minutes, and accuracy differences free of model noise.
+             pA, a runner-up 0.8 (1 - pA), a third class the rest), and a base classifier
+             whose votes on an input are one fixed stream of class draws, read in order by
+             `counts` calls: both certifiers read the same stream, as both read an example's
+             `NoiseStream` in `dmae certify` with one seed, so the comparison is paired.
+             Thousands of inputs in minutes, and accuracy differences free of model noise.
                digits-like  pA = Phi(1.8 + 0.9 Z), Z standard normal: the probit-normal fit
                             to the digits classifier's votes at sigma 0.5 (quantiles of
                             count_top / n from `dmae demo`), most of its mass at 0.85-0.999,
@@ -20,6 +22,9 @@ certified accuracy at each report radius. Two sources of images:
     python benchmarks/certify_samples.py --source simulated --size 10000
     python benchmarks/certify_samples.py --source digits --precision bf16
     python benchmarks/certify_samples.py --source simulated --candidate two-sided
+    python benchmarks/certify_samples.py --source simulated --unpaired
+    python benchmarks/certify_samples.py --population digits-like --size 6000 \
+        --option check_growth=1.02 --option futility=0.03
 
 Prints one markdown table per population: mean forward passes per image and certified
 accuracy (%) at radius 0 and each report radius for both certifiers, and the ratio.
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from scipy.special import ndtr
 
 from dmae_cli import registry
@@ -65,21 +71,31 @@ def certified_accuracy(correct_radii: Sequence[float], radii: Sequence[float]) -
     return [float(np.mean(values >= r) * 100) for r in radii]
 
 
-def multinomial_votes(probs: np.ndarray, rng: np.random.Generator) -> CountsFn:
-    """A base classifier whose votes on `num` noisy copies are one multinomial draw."""
-    return lambda num: torch.from_numpy(rng.multinomial(num, probs))
+def vote_stream(probs: np.ndarray, total: int, rng: np.random.Generator) -> CountsFn:
+    """A base classifier whose votes on an input are `total` class draws fixed in advance;
+    `counts(num)` counts the next `num` of them."""
+    votes = rng.choice(len(probs), size=total, p=probs)
+    read = 0
+
+    def counts(num: int) -> torch.Tensor:
+        nonlocal read
+        chunk, read = votes[read : read + num], read + num
+        return torch.from_numpy(np.bincount(chunk, minlength=len(probs)))
+
+    return counts
 
 
 def simulate(
     certifier: Certifier, probabilities: np.ndarray, request: CertifyRequest, seed: int
 ) -> Outcome:
-    """Certify every input of the population; class 0 is always the true class."""
-    rng = np.random.default_rng(seed)
+    """Certify every input of the population; class 0 is always the true class. Input i's
+    votes depend on (seed, i) alone, so certifiers run with one seed are compared paired."""
     tick = time.perf_counter()
     samples, radii = [], []
-    for p_a in probabilities:
+    for i, p_a in enumerate(probabilities):
         probs = np.array([p_a, 0.8 * (1 - p_a), 0.2 * (1 - p_a)])
-        cert = certifier.certify(multinomial_votes(probs, rng), request)
+        votes = vote_stream(probs, request.n0 + request.n, np.random.default_rng([seed, i]))
+        cert = certifier.certify(votes, request)
         samples.append(cert.n0 + cert.n)
         radii.append(cert.radius if cert.prediction == 0 else -1.0)
     levels = (0.0, *request.radii)
@@ -107,6 +123,7 @@ def run_digits(name: str, args: argparse.Namespace, out: Path) -> Outcome:
             f"seed={args.seed}",
             f"precision={args.precision}",
             f"device={args.device}",
+            *(f"certify.options.{k}={v}" for k, v in args.option if name == args.candidate),
         ],
     )
     tick = time.perf_counter()
@@ -140,6 +157,14 @@ def table(title: str, baseline: Outcome, candidate: Outcome, radii: Sequence[flo
     return "\n".join(lines)
 
 
+def certifier_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as YAML (numbers stay numbers), as `certify.options`."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,6 +180,19 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--radii", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--option",
+        type=certifier_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the candidate, e.g. check_growth=1.02 (repeatable)",
+    )
+    parser.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="simulated: other votes for the candidate (adds seed-to-seed spread)",
+    )
     parser.add_argument("--recipe", default="recipes/digits.yaml")
     parser.add_argument(
         "--set", action="append", default=["name=digits-demo"], help="recipe overrides"
@@ -166,16 +204,18 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
-    baseline, candidate = (registry.certifiers.get(n)() for n in (args.baseline, args.candidate))
+    baseline = registry.certifiers.get(args.baseline)()
+    candidate = registry.certifiers.get(args.candidate)(**dict(args.option))
     request = CertifyRequest(args.sigma, args.alpha, args.n0, args.n, tuple(args.radii))
     setting = f"sigma {args.sigma}, n {args.n:,}, n0 {args.n0}, alpha {args.alpha}"
     if args.source in ("simulated", "both"):
         names = list(POPULATIONS) if args.population == "all" else [args.population]
         for name in names:
             probabilities = POPULATIONS[name](np.random.default_rng(args.seed), args.size)
-            # Different noise for the two certifiers, as two runs with different seeds.
+            # The same votes for both, as `dmae certify` with one seed gives the same noise;
+            # --unpaired gives the candidate other votes, as a run with another seed.
             a = simulate(baseline, probabilities, request, args.seed + 1)
-            b = simulate(candidate, probabilities, request, args.seed + 2)
+            b = simulate(candidate, probabilities, request, args.seed + 1 + args.unpaired)
             print(table(f"simulated {name}, {args.size:,} inputs, {setting}", a, b, args.radii))
             print(flush=True)
     if args.source in ("digits", "both"):
