@@ -66,9 +66,10 @@ COLUMNS = (
     "count_top", "n", "n0", "certifier", "pa_lower", "stop",
 )  # fmt: skip
 FORMAT = "dmae-certify/1"
-# Header keys that change what a row means; a resumed file must agree on all of them. Batch
-# size, device and precision change which noise is drawn, not the validity of a row; the split
-# is named by its fingerprint ("val" and "test" are one split).
+# Header keys that change what a row means; a resumed file must agree on all of them. The
+# device changes which noise is drawn (another generator) and precision the arithmetic, not
+# the validity of a row; the batch size changes neither the noise nor the row (see
+# `NoiseStream`); the split is named by its fingerprint ("val" and "test" are one split).
 MATCHING = (
     "format", "sigma", "n0", "n", "alpha", "seed", "certifier", "certifier_options",
     "radii", "skip_wrong", "checkpoint_sha256", "dataset", "data_fingerprint",
