@@ -50,7 +50,9 @@ def certify_together(
 ) -> list[T]:
     """Run each task (image, generator, certification) and return their results in order.
 
-    An exception in a task is raised here once every other task has finished.
+    An exception in a task is raised here once every other task has finished. An exception
+    while answering (the model failing, an interrupt) stops every task and is raised here once
+    their threads have ended, so none is left waiting for an answer.
     """
     board = _Board(len(tasks))
     results: list[T | None] = [None] * len(tasks)
@@ -72,13 +74,23 @@ def certify_together(
     ]
     for thread in threads:
         thread.start()
-    while (requests := board.wait_for_all()) is not None:
-        answer(sampler, requests)
-    for thread in threads:
-        thread.join()
+    requests: list[Request] | None = []
+    try:
+        while (requests := board.wait_for_all()) is not None:
+            answer(sampler, requests)
+    except BaseException:
+        board.cancel(requests or [])
+        raise
+    finally:
+        for thread in threads:
+            thread.join()
     if errors:
         raise errors[0]
     return results  # type: ignore[return-value]  # every slot is filled when nothing raised
+
+
+class Cancelled(Exception):
+    """Raised in a task's thread when the main thread stopped answering (it raised)."""
 
 
 class _Board:
@@ -87,15 +99,28 @@ class _Board:
     def __init__(self, tasks: int) -> None:
         self.running = tasks
         self.pending: list[Request] = []
+        self.cancelled = False
         self.changed = threading.Condition()
 
     def ask(self, request: Request) -> torch.Tensor:
         with self.changed:
+            if self.cancelled:
+                raise Cancelled
             self.pending.append(request)
             self.changed.notify()
         request.answered.wait()
-        assert request.counts is not None
+        if request.counts is None:  # woken by `cancel`
+            raise Cancelled
         return request.counts
+
+    def cancel(self, taken: list[Request]) -> None:
+        """Wake every task waiting for an answer, `taken` (being answered) and pending, and
+        make the next request of any other raise `Cancelled`."""
+        with self.changed:
+            self.cancelled = True
+            for request in [*taken, *self.pending]:
+                request.answered.set()
+            self.pending = []
 
     def finish(self) -> None:
         with self.changed:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +121,25 @@ def test_sequential_sees_a_prefix_of_cohens_noise_so_the_two_compare_paired() ->
         counts = sampler(PixelVote()).counts(pictures[i], example_generator(3, i, CPU))
         cohen = Cohen().certify(counts, same_n)
         assert (sequential.count_top, sequential.n) == (cohen.count_top, cohen.n)
+
+
+class FailsOnPass(PixelVote):
+    def __init__(self, failing: int) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.batches) + 1 == self.failing:
+            raise RuntimeError("model failed")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_a_failing_model_stops_every_task_and_leaves_no_thread_waiting(failing: int) -> None:
+    tasks = [
+        (image, example_generator(0, i, CPU), draws([20, 30, 40]))
+        for i, image in enumerate(images(4))
+    ]
+    with pytest.raises(RuntimeError, match="model failed"):
+        certify_together(sampler(FailsOnPass(failing)), tasks)
+    assert not [t for t in threading.enumerate() if t.name.startswith("certify-")]
