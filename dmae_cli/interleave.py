@@ -138,23 +138,27 @@ class _Board:
 
 
 def answer(sampler: Sampler, requests: list[Request]) -> None:
-    """Make every request's copies `batch_size` at a time, pack them into forward passes of
-    at most `batch_size` copies, and hand each request its class counts."""
+    """Pack every request's copies into forward passes of exactly `batch_size` copies (but the
+    last, and where image shapes change), and hand each request its class counts.
+
+    A request may straddle two passes: its noise is a stream, so where it is cut changes
+    nothing, while full passes run faster than the gaps that whole requests would leave.
+    """
     votes = [torch.empty(r.num, dtype=torch.int64, device=sampler.device) for r in requests]
     batch: list[torch.Tensor] = []  # noisy chunks waiting for the next forward pass
     places: list[tuple[int, int, int]] = []  # (request, start, size) of each chunk
     filled = 0
     for which, request in enumerate(requests):
-        for start in range(0, request.num, sampler.batch_size):
-            size = min(sampler.batch_size, request.num - start)
-            if filled + size > sampler.batch_size or (
-                batch and _shape(batch) != _shape_of(request)
-            ):
+        start = 0
+        while start < request.num:
+            if filled == sampler.batch_size or (batch and _shape(batch) != _shape_of(request)):
                 _forward(sampler, batch, places, votes)
                 batch, places, filled = [], [], 0
+            size = min(sampler.batch_size - filled, request.num - start)
             batch.append(sampler.noisy(request.clean, size, request.stream))
             places.append((which, start, size))
             filled += size
+            start += size
     if batch:
         _forward(sampler, batch, places, votes)
     sampler.drawn += sum(r.num for r in requests)

@@ -71,6 +71,15 @@ def test_small_requests_of_several_examples_share_one_forward_pass() -> None:
     assert model.batches == [160, 240]  # one pass per round instead of one per request
 
 
+def test_requests_straddle_passes_so_that_every_pass_but_the_last_is_full() -> None:
+    model = PixelVote()
+    tasks = [
+        (image, example_generator(0, i, CPU), draws([150])) for i, image in enumerate(images(4))
+    ]
+    certify_together(sampler(model), tasks)
+    assert model.batches == [256, 256, 88]  # whole requests would leave gaps: 150 x 4 passes
+
+
 def test_a_failing_task_is_raised_after_the_others_finish() -> None:
     def broken(counts: CountsFn) -> None:
         counts(3)
