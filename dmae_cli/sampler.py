@@ -38,8 +38,8 @@ from dmae_cli.precision import autocast, autocast_dtype, precision_name
 
 # Recent torch names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
 OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-# Fixed, not probed: CPU throughput levels off at small batches, and a fixed size keeps the
-# noise of `auto` the same on every CPU. Not measured beyond the digits model.
+# Fixed, not probed: CPU throughput levels off at small batches (not measured beyond the
+# digits model). The batch size no longer changes the noise (`NoiseStream`).
 AUTO_CPU_BATCH = 256
 AUTO_CUDA_MAX = 4096  # a cap on probing: a busy GPU gains nothing from larger batches
 # Copies per generator call: large enough that a call costs little next to a forward pass,
