@@ -22,7 +22,12 @@ from dmae_cli import registry
 from dmae_cli.api import ABSTAIN, Certificate, Certifier, CertifyRequest, CountsFn
 from dmae_plugins.certifiers._bounds import cp_lower, cp_upper, gaussian_radius, thresholds
 from dmae_plugins.certifiers.cohen import Cohen
-from dmae_plugins.certifiers.sequential import Sequential, chance_to_certify, votes_needed
+from dmae_plugins.certifiers.sequential import (
+    Sequential,
+    chance_to_certify,
+    fewest_hopeful_votes,
+    votes_needed,
+)
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 BUILTIN = ("cohen", "sequential")
@@ -227,6 +232,24 @@ def test_chance_to_certify_matches_a_simulation_of_the_posterior_predictive() ->
     simulated = float(np.mean(votes >= votes_needed(n, level, threshold)))
     assert chance_to_certify(n_a, drawn, n, level, threshold) == pytest.approx(simulated, abs=0.005)
     assert chance_to_certify(n, n, n, level, 0.5) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("drawn", "n", "threshold"), [(64, 1000, 0.5), (300, 10_000, 0.9772), (5000, 10_000, 0.8413)]
+)
+def test_the_futility_boundary_decides_as_the_chance_itself(
+    drawn: int, n: int, threshold: float
+) -> None:
+    # The certifier compares the votes with a cached boundary instead of computing the chance
+    # at every check: the two must agree for every count, not only near the boundary.
+    level, futility = 8e-4, 0.02
+    boundary = fewest_hopeful_votes(drawn, n, level, threshold, futility)
+    assert 0 < boundary <= drawn
+    near = range(max(0, boundary - 30), min(drawn, boundary + 30) + 1)
+    for n_a in sorted({*near, *range(0, drawn + 1, max(1, drawn // 50))}):
+        hopeless = chance_to_certify(n_a, drawn, n, level, threshold) < futility
+        assert hopeless == (n_a < boundary), n_a
+    assert fewest_hopeful_votes(10, 1000, level, 0.9999, futility) == 11  # out of reach
 
 
 def test_sequential_gives_up_early_on_an_input_just_below_a_threshold() -> None:

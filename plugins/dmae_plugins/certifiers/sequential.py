@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
@@ -135,7 +136,7 @@ class Sequential:
             return "settled"
         if drawn >= n:
             return "budget"
-        if chance_to_certify(n_a, drawn, n, last, above[0]) < self.futility:
+        if n_a < fewest_hopeful_votes(drawn, n, last, above[0], self.futility):
             return "futile"
         return ""
 
@@ -155,6 +156,41 @@ def chance_to_certify(n_a: int, drawn: int, n: int, level: float, threshold: flo
     if short <= 0:
         return 1.0
     return float(betabinom.sf(short - 1, n - drawn, n_a + 1, drawn - n_a + 1))
+
+
+def fewest_hopeful_votes(
+    drawn: int, n: int, level: float, threshold: float, futility: float
+) -> int:
+    """The fewest votes for cA among `drawn` whose `chance_to_certify` is >= `futility`
+    (`drawn` + 1 when none): an input with fewer is futile.
+
+    The chance grows with the votes so far (fewer votes still needed, and a posterior that
+    shifts up), so a binary search finds this boundary, and the futility rule becomes one
+    comparison per check. The checks happen at the same few hundred (look, threshold) pairs for
+    every input of a run, so each boundary costs a dozen beta-binomial tails once per process
+    instead of one tail (about 0.1-1 ms at n = 10,000) per check of every input. The lock
+    makes examples certified side by side (one thread each, `dmae_cli.interleave`), which
+    reach a new pair together, search it once instead of once each.
+    """
+    with _BOUNDARY_LOCK:
+        return _fewest_hopeful_votes(drawn, n, level, threshold, futility)
+
+
+_BOUNDARY_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1 << 16)
+def _fewest_hopeful_votes(
+    drawn: int, n: int, level: float, threshold: float, futility: float
+) -> int:
+    low, high = 0, drawn + 1
+    while low < high:
+        middle = (low + high) // 2
+        if chance_to_certify(middle, drawn, n, level, threshold) >= futility:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 @lru_cache(maxsize=1024)
