@@ -7,7 +7,8 @@ Ours: `dmae_cli.sampler.Sampler` as `dmae certify` uses it (noise drawn in fp32 
 from the per-example generator, scaled and added in place, bf16 autocast when `--precision`
 resolves to it, votes kept on the device and counted by one `bincount` per call). `--precision
 auto` resolves as `dmae certify` resolves it (bf16 on CUDA; the line `ours autocast` says what
-it chose); pass `--precision bf16` or `fp32` to fix it.
+it chose); pass `--precision bf16` or `fp32` to fix it. `--parallel auto` runs as many passes at
+once as `dmae certify` would (on a CPU one per core, each on one core; 1 on CUDA).
 
 Naive: Cohen et al.'s `core.py` `_sample_noise`: fp32, and for each batch
 `batch = x.repeat((this_batch_size, 1, 1, 1))`, `noise = torch.randn_like(batch) * sigma`,
@@ -53,7 +54,7 @@ from _common import (
 )
 
 from dmae_cli.models import build_classifier
-from dmae_cli.sampler import Sampler, example_generator
+from dmae_cli.sampler import Sampler, auto_parallel, example_generator
 
 SIGMA = 0.5
 Run = Callable[[int], None]  # run(n): n noisy forward passes for every image
@@ -128,6 +129,11 @@ def main() -> None:
         "--project-n", type=int, default=100_000, help="n of the projected images per hour"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--parallel",
+        default="auto",
+        help="ours: forward passes at once on a CPU, each on one core (auto: as dmae certify)",
+    )
     parser.add_argument("--peak-tflops", type=float, help=PEAK_HELP)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -144,6 +150,7 @@ def main() -> None:
     model = build(args)
     data = images(args)
     device = torch.device(args.device)
+    parallel = auto_parallel(device) if args.parallel == "auto" else int(args.parallel)
     sampler = Sampler(
         model,
         sigma=SIGMA,
@@ -151,6 +158,7 @@ def main() -> None:
         batch_size=args.batch_size,
         device=device,
         precision=args.precision,
+        parallel=parallel,
     )
     runs = {"naive": naive(args, model, data), "ours": ours(args, sampler, data)}
     for run in runs.values():
@@ -186,7 +194,8 @@ def report(
     print(
         f"n={args.n} per image, batch {args.batch_size}, {args.images} images, warm-up "
         f"{args.warmup}, {args.repeats} timed run(s) per path, sigma {SIGMA}; precision "
-        f"{args.precision} (ours autocast: {amp or 'none, fp32'}; naive fp32)"
+        f"{args.precision} (ours autocast: {amp or 'none, fp32'}, {sampler.parallel} "
+        f"pass(es) at once; naive fp32)"
     )
     unit = "forward passes/s"
     print(f"naive (Cohen core.py, fp32): {base.text(' ' + unit)}")

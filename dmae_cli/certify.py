@@ -56,6 +56,7 @@ from dmae_cli.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
 from dmae_cli.sampler import (
     Sampler,
     auto_batch_size,
+    auto_parallel,
     example_generator,
     is_auto_batch,
 )
@@ -367,6 +368,7 @@ def make_header(
         "precision": sampler.precision,  # resolved: `auto` is recorded as bf16 or fp32
         "compile": sampler.compiled,
         "together": cfg.together,
+        "parallel": sampler.parallel,  # resolved: `auto` is recorded as what it chose
         "versions": {
             "dmae": __version__,
             "python": platform.python_version(),
@@ -485,6 +487,7 @@ def build_sampler(
         dtype = autocast_dtype(recipe.precision, device)
         batch_size = auto_batch_size(model, shape, device, dtype, max(cfg.n0, cfg.n))
         ui.info(f"certify.batch_size auto: {batch_size} noisy copies per batch on {device}")
+    parallel = auto_parallel(device) if cfg.parallel == "auto" else cfg.parallel
     return Sampler(
         model,
         sigma=sigma,
@@ -493,6 +496,7 @@ def build_sampler(
         device=device,
         precision=recipe.precision,
         compile=cfg.compile,
+        parallel=parallel,
     )
 
 

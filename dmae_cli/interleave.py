@@ -20,8 +20,9 @@ model, so there is no concurrency in torch.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -138,51 +139,34 @@ class _Board:
 
 
 def answer(sampler: Sampler, requests: list[Request]) -> None:
-    """Pack every request's copies into forward passes of exactly `batch_size` copies (but the
-    last, and where image shapes change), and hand each request its class counts.
+    """Classify every request's copies in shared forward passes and hand each request its
+    class counts.
 
-    A request may straddle two passes: its noise is a stream, so where it is cut changes
-    nothing, while full passes run faster than the gaps that whole requests would leave.
+    The copies of consecutive requests of one image shape are cut into passes as one call of
+    that many copies would be (`Sampler.pass_sizes`: full, equal passes, `parallel` at a time
+    on a CPU), so a request may straddle two passes: its noise is a stream, so where it is cut
+    changes nothing.
     """
-    votes = [torch.empty(r.num, dtype=torch.int64, device=sampler.device) for r in requests]
-    batch: list[torch.Tensor] = []  # noisy chunks waiting for the next forward pass
-    places: list[tuple[int, int, int]] = []  # (request, start, size) of each chunk
-    filled = 0
-    for which, request in enumerate(requests):
-        start = 0
-        while start < request.num:
-            if filled == sampler.batch_size or (batch and _shape(batch) != _shape_of(request)):
-                _forward(sampler, batch, places, votes)
-                batch, places, filled = [], [], 0
-            size = min(sampler.batch_size - filled, request.num - start)
-            batch.append(sampler.noisy(request.clean, size, request.stream))
-            places.append((which, start, size))
-            filled += size
-            start += size
-    if batch:
-        _forward(sampler, batch, places, votes)
-    sampler.drawn += sum(r.num for r in requests)
-    for request, mine in zip(requests, votes, strict=True):
+    votes = sampler.classify_passes(_passes(sampler, requests))
+    sizes = [request.num for request in requests]
+    sampler.drawn += sum(sizes)
+    for request, mine in zip(requests, votes.split(sizes), strict=True):
         request.counts = torch.bincount(mine, minlength=sampler.num_classes).cpu()
         request.answered.set()
 
 
-def _forward(
-    sampler: Sampler,
-    batch: list[torch.Tensor],
-    places: list[tuple[int, int, int]],
-    votes: list[torch.Tensor],
-) -> None:
-    predicted = sampler.classify(torch.cat(batch))
-    offset = 0
-    for which, start, size in places:
-        votes[which][start : start + size] = predicted[offset : offset + size]
-        offset += size
-
-
-def _shape(batch: list[torch.Tensor]) -> tuple[int, ...]:
-    return tuple(batch[0].shape[1:])
-
-
-def _shape_of(request: Request) -> tuple[int, ...]:
-    return tuple(request.clean.shape[1:])
+def _passes(sampler: Sampler, requests: list[Request]) -> Iterator[torch.Tensor]:
+    """The noisy copies of `requests`, in order, one tensor per forward pass."""
+    for _, same_shape in itertools.groupby(requests, key=lambda r: tuple(r.clean.shape)):
+        pieces = [(request, request.num) for request in same_shape]
+        for size in sampler.pass_sizes(sum(num for _, num in pieces)):
+            chunks = []
+            while size:
+                request, left = pieces[0]
+                take = min(size, left)
+                chunks.append(sampler.noisy(request.clean, take, request.stream))
+                size -= take
+                pieces[0] = (request, left - take)
+                if not pieces[0][1]:
+                    pieces.pop(0)
+            yield chunks[0] if len(chunks) == 1 else torch.cat(chunks)

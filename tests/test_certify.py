@@ -90,6 +90,7 @@ def test_writes_sorted_rows_and_a_header(runs: Path) -> None:
     assert {"torch", "scipy", "timm", "dmae"} <= set(header["versions"])
     assert (header["batch_size"], header["device"], header["compile"]) == (32, "cpu", False)
     assert header["precision"] == CPU_AUTO_PRECISION  # resolved, not "auto"
+    assert header["parallel"] == torch.get_num_threads()  # resolved: one pass per core
     assert result.samples == 8 * 70 and result.mean_samples() == 70
     assert result.accuracy(0.0) == sum(r.correct for r in rows) / 8
 
@@ -172,6 +173,14 @@ def test_example_selection() -> None:
         pick("certify.end=361")
     with pytest.raises(UserError, match="larger than"):
         pick("certify.start=5", "certify.end=5")
+
+
+def test_parallel_passes_certify_the_same_rows(runs: Path, tmp_path: Path) -> None:
+    settings = ("certify.certifier=sequential", "certify.together=4", "precision=fp32")
+    [one] = run_certify(recipe(runs, *settings, "certify.parallel=1"), out=tmp_path / "one")
+    [two] = run_certify(recipe(runs, *settings, "certify.parallel=2"), out=tmp_path / "two")
+    assert without_time(two.tsv) == without_time(one.tsv)
+    assert json.loads(two.header.read_text())["parallel"] == 2
 
 
 def test_auto_batch_size_is_recorded_as_chosen(runs: Path) -> None:
@@ -332,6 +341,7 @@ def test_cli_without_a_recipe_takes_the_latest_run(
         (["--n0", "0"], "certify.n0: expected a number > 0"),
         (["--batch-size", "-3"], "batch_size: expected an integer >= 1, or auto (0 also"),
         (["--batch-size", "lots"], "batch_size: expected an integer >= 1, or auto"),
+        (["--set", "certify.parallel=0"], "certify.parallel: expected an integer >= 1, or auto"),
         (["--sigma", "-1"], "certify.sigma: expected one or more numbers > 0"),
         (["--certifier", "nope"], "unknown certifier 'nope'; available: cohen, sequential"),
         (["--set", "certify.options={bogus: 1}"], "certifier 'cohen' rejected its options"),

@@ -71,13 +71,31 @@ def test_small_requests_of_several_examples_share_one_forward_pass() -> None:
     assert model.batches == [160, 240]  # one pass per round instead of one per request
 
 
-def test_requests_straddle_passes_so_that_every_pass_but_the_last_is_full() -> None:
+def test_requests_straddle_passes_so_that_the_passes_are_full_and_equal() -> None:
     model = PixelVote()
     tasks = [
         (image, example_generator(0, i, CPU), draws([150])) for i, image in enumerate(images(4))
     ]
     certify_together(sampler(model), tasks)
-    assert model.batches == [256, 256, 88]  # whole requests would leave gaps: 150 x 4 passes
+    assert model.batches == [200, 200, 200]  # whole requests would leave gaps: 150 x 4 passes
+
+
+def test_parallel_passes_are_a_multiple_of_the_threads_and_count_the_same() -> None:
+    def run(parallel: int) -> tuple[list[list[list[int]]], list[int]]:
+        model = PixelVote()
+        tasks = [
+            (image, example_generator(0, i, CPU), draws([150, 70]))
+            for i, image in enumerate(images(4))
+        ]
+        together = Sampler(
+            model, sigma=0.5, num_classes=10, batch_size=256, device=CPU, parallel=parallel
+        )
+        return certify_together(together, tasks), model.batches
+
+    one, passes_one = run(1)
+    two, passes_two = run(2)
+    assert one == two  # each example's counts, request by request
+    assert passes_one == [200] * 3 + [140] * 2 and sorted(passes_two) == [140] * 2 + [150] * 4
 
 
 def test_a_failing_task_is_raised_after_the_others_finish() -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dmae_cli import precision as precision_module
 from dmae_cli import sampler as sampler_module
@@ -22,6 +26,7 @@ from dmae_cli.sampler import (
     auto_batch_size,
     example_generator,
     example_seed,
+    forward_pool,
 )
 
 CPU = torch.device("cpu")
@@ -65,7 +70,7 @@ def test_noise_is_fp32_pixel_space_at_native_resolution_in_batches() -> None:
         sum(int((x.mean(dim=(1, 2, 3)) <= 0).sum()) for x in spy.inputs),
         sum(int((x.mean(dim=(1, 2, 3)) > 0).sum()) for x in spy.inputs),
     ]  # argmax ties go to class 0, as torch does
-    assert [len(x) for x in spy.inputs] == [300, 300, 300, 100]  # batches, no loop per sample
+    assert [len(x) for x in spy.inputs] == [250] * 4  # equal batches, no loop per sample
     noisy = torch.cat(spy.inputs)
     assert noisy.dtype == torch.float32 and noisy.shape == (1000, 3, 8, 8)
     noise = noisy - image
@@ -175,6 +180,103 @@ def test_cuda_synchronises_per_call_not_per_batch() -> None:
 
 
 # -- out of memory ------------------------------------------------------------------------------
+# -- passes, and several at once on a CPU ---------------------------------------------------
+@given(total=st.integers(0, 5000), batch=st.integers(1, 600), parallel=st.integers(1, 8))
+def test_a_call_is_cut_into_equal_passes_of_at_most_a_batch_for_every_thread(
+    total: int, batch: int, parallel: int
+) -> None:
+    sampler = Sampler(
+        Spy(), sigma=0.5, num_classes=2, batch_size=batch, device=CPU, parallel=parallel
+    )
+    sizes = sampler.pass_sizes(total)
+    assert sum(sizes) == total and all(0 < size <= batch for size in sizes)
+    assert max(sizes, default=0) - min(sizes, default=0) <= 1
+    fewest = math.ceil(total / batch)
+    assert fewest <= len(sizes) < fewest + parallel  # no more passes than keeps threads busy
+    assert len(sizes) % parallel == 0 or len(sizes) == total  # each thread gets as many
+
+
+def test_parallel_passes_give_the_votes_of_one_pass_at_a_time() -> None:
+    torch.manual_seed(0)
+    model = build_classifier(META).eval()
+    image = torch.rand(1, 8, 8)
+
+    def run(parallel: int) -> tuple[list[list[int]], Sampler]:
+        sampler = Sampler(
+            model, sigma=0.5, num_classes=10, batch_size=64, device=CPU, parallel=parallel
+        )
+        counts = sampler.counts(image, example_generator(1, 2, CPU))
+        return [counts(n).tolist() for n in (10, 150, 700, 1)], sampler
+
+    threads = torch.get_num_threads()
+    expected, _ = run(1)
+    got, sampler = run(3)
+    assert got == expected and sampler.drawn == 861
+    assert torch.get_num_threads() == threads  # this thread's count is restored
+
+
+def test_the_forward_threads_use_one_core_and_leave_the_default_alone() -> None:
+    torch.set_num_threads(2)  # the fixture restores it
+    pool = forward_pool(5)  # a size no other test uses: created here
+    assert {pool.submit(torch.get_num_threads).result() for _ in range(20)} == {1}
+    seen: list[int] = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [2] and torch.get_num_threads() == 2
+
+
+def test_parallel_passes_hold_at_most_two_passes_per_thread() -> None:
+    finished: list[int] = []
+
+    class Counting(Spy):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            finished.append(len(x))
+            return out
+
+    outstanding: list[int] = []  # passes made but not yet classified, as each pass is made
+
+    def passes() -> Iterator[torch.Tensor]:
+        for _ in range(40):
+            outstanding.append(len(outstanding) - len(finished))
+            yield torch.rand(4, 1, 4, 4)
+
+    sampler = Sampler(Counting(), sigma=0.5, num_classes=2, batch_size=4, device=CPU, parallel=2)
+    votes = sampler.classify_passes(passes())
+    assert votes.shape == (160,) and len(finished) == 40
+    assert max(outstanding) <= 2 * 2
+
+
+def test_a_pass_failing_in_a_thread_fails_the_call() -> None:
+    class BreaksAtTheThirdPass(Spy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with self.lock:
+                out = super().forward(x)
+                if len(self.inputs) == 3:
+                    raise RuntimeError("broken model")
+            return out
+
+    sampler = Sampler(
+        BreaksAtTheThirdPass(), sigma=0.5, num_classes=2, batch_size=8, device=CPU, parallel=2
+    )
+    counts = sampler.counts(torch.rand(1, 4, 4), example_generator(0, 0, CPU))
+    with pytest.raises(RuntimeError, match="broken model"):
+        counts(80)
+    assert counts(8).sum() == 8  # the threads are free for the next call
+
+
+def test_parallel_passes_are_for_a_cpu() -> None:
+    with pytest.raises(UserError, match="certify.parallel 2: parallel forward passes are for"):
+        Sampler(Spy(), sigma=0.5, num_classes=2, batch_size=8, device="cuda", parallel=2)
+    with pytest.raises(ValueError, match="parallel >= 1"):
+        Sampler(Spy(), sigma=0.5, num_classes=2, batch_size=8, device=CPU, parallel=0)
+
+
 class RunsOutOfMemory(nn.Module):
     """`model`, except that a forward pass of more than `fits` copies raises CUDA's OOM error."""
 
