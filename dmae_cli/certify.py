@@ -487,7 +487,7 @@ def build_sampler(
         dtype = autocast_dtype(recipe.precision, device)
         batch_size = auto_batch_size(model, shape, device, dtype, max(cfg.n0, cfg.n))
         ui.info(f"certify.batch_size auto: {batch_size} noisy copies per batch on {device}")
-    parallel = auto_parallel(device) if cfg.parallel == "auto" else cfg.parallel
+    parallel = auto_parallel(device, cfg.compile) if cfg.parallel == "auto" else cfg.parallel
     return Sampler(
         model,
         sigma=sigma,

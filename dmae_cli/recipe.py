@@ -196,8 +196,8 @@ class CertifyConfig:
     # sequential certifier's small looks fill a batch together); rows are written per group.
     together: int = field(default=8, metadata=positive())
     # Forward passes run at once, on a CPU only, each on one core: auto is one per core torch
-    # uses there (small models run 1.4-2x faster so than one pass spread over every core), 1 on
-    # CUDA.
+    # uses there (a small model runs 1.4-1.9x faster so than as one pass spread over every
+    # core), 1 on CUDA.
     parallel: Any = field(default="auto", metadata=parallel_setting())
 
 

@@ -13,8 +13,8 @@ ViT nothing, its only convolution is the patch embedding.
 
 On a CPU, `parallel` forward passes run at once, each on a thread whose torch ops use one core
 (`forward_pool`): a small model's passes are too short for torch to spread one of them over
-several cores efficiently (the digits classifier classifies 1.4-2x more copies per second as
-two single-core passes than as one pass on two cores), and two passes keep both cores busy.
+several cores efficiently (the digits classifier classifies 1.4-1.9x more copies per second
+as two single-core passes than as one pass on two cores), and two passes keep both cores busy.
 
 Every example draws its noise from its own stream (`NoiseStream`): a generator seeded from
 (seed, example index), called for `NOISE_CHUNK` copies at a time, the unused rest of a call
@@ -143,9 +143,10 @@ def _forward_fits(
 
 
 # -- parallel forward passes on a CPU --------------------------------------------------------
-def auto_parallel(device: torch.device) -> int:
-    """`certify.parallel: auto`: on a CPU one pass per core torch would use, 1 on a GPU."""
-    return torch.get_num_threads() if device.type == "cpu" else 1
+def auto_parallel(device: torch.device, compile: bool = False) -> int:
+    """`certify.parallel: auto`: on a CPU one pass per core torch would use; 1 on a GPU, and
+    for a compiled model (torch.compile'd passes in several threads at once deadlock)."""
+    return torch.get_num_threads() if device.type == "cpu" and not compile else 1
 
 
 @functools.cache
@@ -206,6 +207,11 @@ class Sampler:
             raise UserError(
                 f"certify.parallel {parallel}: parallel forward passes are for a CPU; a GPU "
                 f"runs one at a time (set certify.parallel to 1 or auto)"
+            )
+        if parallel > 1 and compile:
+            raise UserError(
+                f"certify.parallel {parallel}: a compiled classifier runs one pass at a time "
+                f"(set certify.parallel to 1 or auto, or certify without --compile)"
             )
         self.model = model.eval()
         self.sigma = float(sigma)

@@ -24,6 +24,7 @@ from dmae_cli.sampler import (
     NoiseStream,
     Sampler,
     auto_batch_size,
+    auto_parallel,
     example_generator,
     example_seed,
     forward_pool,
@@ -273,6 +274,10 @@ def test_a_pass_failing_in_a_thread_fails_the_call() -> None:
 def test_parallel_passes_are_for_a_cpu() -> None:
     with pytest.raises(UserError, match="certify.parallel 2: parallel forward passes are for"):
         Sampler(Spy(), sigma=0.5, num_classes=2, batch_size=8, device="cuda", parallel=2)
+    with pytest.raises(UserError, match="a compiled classifier runs one pass at a time"):
+        Sampler(Spy(), sigma=0.5, num_classes=2, batch_size=8, device=CPU, parallel=2, compile=True)
+    assert auto_parallel(CPU, compile=True) == 1 and auto_parallel(torch.device("cuda")) == 1
+    assert auto_parallel(CPU) == torch.get_num_threads()
     with pytest.raises(ValueError, match="parallel >= 1"):
         Sampler(Spy(), sigma=0.5, num_classes=2, batch_size=8, device=CPU, parallel=0)
 
