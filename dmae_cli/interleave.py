@@ -15,7 +15,8 @@ change of batch size). The group is fixed by the caller, so a rerun over the sam
 the same batches.
 
 Certifier code runs in the worker threads and only waits there; the threads never touch the
-model, so there is no concurrency in torch.
+model. The forward passes run from the calling thread, through `Sampler.classify_passes`
+(on a CPU, `parallel` of them at once in the sampler's own threads).
 """
 
 from __future__ import annotations
@@ -143,9 +144,9 @@ def answer(sampler: Sampler, requests: list[Request]) -> None:
     class counts.
 
     The copies of consecutive requests of one image shape are cut into passes as one call of
-    that many copies would be (`Sampler.pass_sizes`: full, equal passes, `parallel` at a time
-    on a CPU), so a request may straddle two passes: its noise is a stream, so where it is cut
-    changes nothing.
+    that many copies would be (`Sampler.pass_sizes`: equal passes of at most `batch_size`,
+    `parallel` at a time on a CPU), so a request may straddle two passes: its noise is a
+    stream, so where it is cut changes nothing.
     """
     votes = sampler.classify_passes(_passes(sampler, requests))
     sizes = [request.num for request in requests]
