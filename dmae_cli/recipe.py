@@ -197,7 +197,7 @@ class CertifyConfig:
     together: int = field(default=8, metadata=positive())
     # Forward passes run at once, on a CPU only, each on one core: auto is one per core torch
     # uses there (a small model runs 1.4-1.9x faster so than as one pass spread over every
-    # core), 1 on CUDA.
+    # core), 1 on CUDA and with compile.
     parallel: Any = field(default="auto", metadata=parallel_setting())
 
 
