@@ -33,6 +33,7 @@ import errno
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -305,11 +306,34 @@ def resolve_recipe(path: Path | None, overrides: Sequence[str]) -> Recipe:
     pinned = [] if explicit else found
     config = model.parent / "config.yaml"
     if config.is_file():
-        return load_recipe(config, [*pinned, *overrides])
+        recipe = load_recipe(config, [*pinned, *overrides])
+        refuse_untyped_sources(recipe, overrides, config)
+        return recipe
     meta = checkpoint.load_checkpoint(model).get("meta") or {}
     data = {"data.dataset": meta.get("dataset"), "data.image_size": meta.get("input_size")}
     items = [f"{key}={json.dumps(value)}" for key, value in data.items() if value is not None]
     return load_recipe(None, [*items, *pinned, *overrides])
+
+
+# A `pipe:` command or a URL (webdataset opens `http://...` through a shell command too).
+COMMAND_OR_URL = re.compile(r"pipe:|://", re.IGNORECASE)
+
+
+def refuse_untyped_sources(recipe: Recipe, overrides: Sequence[str], found: Path) -> None:
+    """A config.yaml found beside a checkpoint is a data file, perhaps a stranger's: it may
+    not make dmae run a command or open a URL. The user may, by typing the key in --set."""
+    typed = [item.split("=", 1)[0].strip() for item in overrides]
+    sources = {"data.root": recipe.data.root}
+    sources.update({f"data.options.{k}": v for k, v in recipe.data.options.items()})
+    for key, value in sources.items():
+        texts = value if isinstance(value, list) else [value]
+        if not any(isinstance(t, str) and COMMAND_OR_URL.search(t) for t in texts):
+            continue
+        if not any(key == t or key.startswith(t + ".") for t in typed):
+            raise UserError(
+                f"{found} (found beside the checkpoint) sets {key} to a command or URL; "
+                f"give a recipe, or set it yourself with --set {key}=..."
+            )
 
 
 def load_model(

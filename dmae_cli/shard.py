@@ -57,12 +57,12 @@ from dmae_cli import __version__, registry, ui
 from dmae_cli.checkpoint import atomic_write_text, file_sha256
 from dmae_cli.errors import UserError
 from dmae_cli.interrupt import GracefulStop, Interrupted
+from dmae_cli.shard_manifest import MANIFEST_SUFFIX, bad_shard_name, listed_shard
 
 MANIFEST_VERSION = 1
 FORMATS = {"png": "png", "jpeg": "jpg", "npy": "npy"}  # --format -> tar member suffix
 JPEG_QUALITY = 95
 SHARD_DIGITS = 6
-MANIFEST_SUFFIX = "-manifest.json"
 _UNITS = {
     "": 1,
     "B": 1,
@@ -373,9 +373,12 @@ def previous_shards(path: Path, config: dict[str, Any], overwrite: bool) -> list
             f"{path} holds shards written with other settings; use another --out or --overwrite"
         )
     for shard in shards:
-        if not (path.parent / shard["name"]).is_file():
-            missing = path.parent / shard["name"]
-            raise UserError(f"cannot resume: {missing} is missing; use --overwrite")
+        try:
+            listed = listed_shard(path, shard.get("name") if isinstance(shard, dict) else None)
+        except ValueError as exc:
+            raise UserError(f"{path}: {exc}; use --overwrite") from None
+        if not listed.is_file():
+            raise UserError(f"cannot resume: {listed} is missing; use --overwrite")
     return shards
 
 
@@ -387,8 +390,8 @@ def remove_listed_shards(path: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         names = []
     for name in names:
-        if isinstance(name, str) and name == Path(name).name and name.endswith(".tar"):
-            (path.parent / name).unlink(missing_ok=True)
+        if bad_shard_name(name) is None and str(name).endswith(".tar"):
+            (path.parent / name).unlink(missing_ok=True)  # a link inside: only the link goes
     path.unlink(missing_ok=True)
 
 

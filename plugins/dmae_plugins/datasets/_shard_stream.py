@@ -51,7 +51,8 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -372,12 +373,11 @@ class ShardStream(IterableDataset):
 
     def _read_shard(self, index: int) -> Iterator[dict[str, Any]]:
         """The samples of one shard, as dicts of raw bytes; a bad shard is skipped or raised."""
-        from webdataset import gopen
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
         url, read, finished = self.urls[index], 0, False
         try:
-            stream = gopen(url, "rb")
+            stream = open_shard(url)
             try:
                 for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                     read += 1
@@ -401,6 +401,27 @@ class ShardStream(IterableDataset):
             raise ShardError(f"dataset '{NAME}': {message}")
         self._skips.add()
         log.warning("skipping: %s", message)
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith(("pipe:", "file:"))
+
+
+def local_path(url: str) -> Path | None:
+    """The file behind a local path or `file:` URL; None for anything streamed."""
+    if url.startswith("file:"):
+        return Path(url[len("file:") :].removeprefix("//"))
+    return Path(url).expanduser() if is_local(url) else None
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A local shard (a path or `file:` URL, which is all a manifest can name) opened as a
+    plain file; only a source the user typed (`pipe:`, `http://`...) goes through webdataset's
+    URL opener."""
+    from webdataset import gopen
+
+    path = local_path(url)
+    return path.open("rb") if path is not None else gopen(url, "rb")
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,7 +9,10 @@ Where the shards are (the first that applies wins):
 - `root`, anything else: a shard pattern or URL, as for `urls`.
 A pattern is brace-expanded (`/shards/in1k-train-{000000..001023}.tar`); several are joined
 with `::`. Local paths, `file:` and `pipe:CMD` URLs work, the latter for object stores through
-their command-line tools (`pipe:aws s3 cp s3://bucket/in1k-train-000000.tar -`).
+their command-line tools (`pipe:aws s3 cp s3://bucket/in1k-train-000000.tar -`), but only
+where the user typed them: a manifest is a data file, and the shards it lists are plain file
+names in its own directory, opened as files (a name that is a command, a URL, a path or a link
+out of the directory is refused in one line).
 
 Metadata (num_classes, class names, channels, mean, std, stored image size, samples per shard)
 comes from the manifest: option `manifest` (a path or a `pipe:` URL), or the one `dmae shard`
@@ -53,6 +56,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from dmae_cli.api import DatasetInfo
 from dmae_cli.errors import UserError
+from dmae_cli.shard_manifest import MANIFEST_SUFFIX, listed_shard
 from dmae_plugins.datasets._common import (
     check_image_size,
     check_options,
@@ -62,10 +66,9 @@ from dmae_plugins.datasets._common import (
     random_translate,
     resize,
 )
-from dmae_plugins.datasets._shard_stream import NAME, ShardStream, StreamConfig
+from dmae_plugins.datasets._shard_stream import NAME, ShardStream, StreamConfig, local_path
 from dmae_plugins.datasets.imagefolder import build_transform
 
-MANIFEST_SUFFIX = "-manifest.json"
 DEFAULT_SHUFFLE = 1000
 IMAGENET_STYLE_FROM = 96  # delivered sides from here up get RandomResizedCrop augmentation
 AUGMENTATIONS = ("auto", "imagenet", "light", "none")
@@ -100,17 +103,6 @@ def expand(pattern: str) -> list[str]:
     if not urls:
         raise UserError(f"dataset '{NAME}': {pattern!r} names no shards")
     return urls
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith(("pipe:", "file:"))
-
-
-def local_path(url: str) -> Path | None:
-    """The file behind a local path or `file:` URL; None for anything streamed."""
-    if url.startswith("file:"):
-        return Path(url[len("file:") :].removeprefix("//"))
-    return Path(url).expanduser() if is_local(url) else None
 
 
 def check_local_shards(urls: list[str]) -> None:
@@ -158,14 +150,14 @@ def read_manifest(where: str | Path) -> dict[str, Any]:
 
 
 def manifest_shards(manifest: dict[str, Any], where: Path) -> tuple[list[str], list[int]]:
-    """The shard paths (next to the manifest) and their sample counts."""
+    """The shard files (absolute paths beside the manifest) and their sample counts."""
     urls, counts = [], []
     for shard in manifest.get("shards", []):
         name = shard.get("name") if isinstance(shard, dict) else None
-        # A manifest names files beside itself, never a path elsewhere.
-        if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
-            raise UserError(f"dataset '{NAME}': {str(where)!r} lists a bad shard name {name!r}")
-        urls.append(str(where.parent / name))
+        try:  # a data file names files beside itself, never a command, URL or path elsewhere
+            urls.append(str(listed_shard(where, name)))
+        except ValueError as exc:
+            raise UserError(f"dataset '{NAME}': {str(where)!r}: {exc}") from None
         counts.append(int(shard.get("samples", 0)))
     if not urls:
         raise UserError(f"dataset '{NAME}': {str(where)!r} lists no shards")
