@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dmae_cli.sampler import NoiseStream
+from dmae_cli.smoothing.sampler import NoiseStream
 
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, dense bf16 tensor cores (no sparsity)
 PEAK_HELP = (

@@ -4,7 +4,8 @@ Both certify the same examples of the recipe's split with the same fine-tuned cl
 the same sigma, n0, n, alpha and seed, on the same device with the same batch size, and each
 is timed from loading the model and the data to its last row.
 
-Ours: `dmae_cli.certify.run_certify`, the function behind `dmae certify`, with `--certifier`
+Ours: `dmae_cli.smoothing.certify.run_certify`, the function behind `dmae certify`, with
+`--certifier`
 (default `sequential`, the sample-efficient certifier: it stops drawing once the report radii
 are settled or out of reach) and `--precision` (`auto`: whatever `dmae certify` picks here;
 the header it writes records the resolved precision and batch size, printed below).
@@ -60,12 +61,12 @@ import torch.nn as nn
 from _common import command_line, machine, markdown_table, naive_counts, sync
 from scipy.stats import beta, norm
 
-from dmae_cli.certify import model_path, run_certify, select_indices
-from dmae_cli.errors import UserError
-from dmae_cli.models import load_classifier
-from dmae_cli.pretrain import load_dataset
-from dmae_cli.recipe import Recipe, load_recipe, sigma_name
-from dmae_cli.sampler import NoiseStream, example_generator
+from dmae_cli.config.recipe import Recipe, load_recipe, sigma_name
+from dmae_cli.models.vit import load_classifier
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.smoothing.certify import model_path, run_certify, select_indices
+from dmae_cli.smoothing.sampler import NoiseStream, example_generator
+from dmae_cli.training.pretrain import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ABSTAIN = -1

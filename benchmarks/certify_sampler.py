@@ -3,7 +3,8 @@
 Both classify the same noisy copies' worth of work (n forward passes per image, the same
 images) with the same randomly initialised classifier built by `build_classifier`.
 
-Ours: `dmae_cli.sampler.Sampler` as `dmae certify` uses it (noise drawn in fp32 on the device
+Ours: `dmae_cli.smoothing.sampler.Sampler` as `dmae certify` uses it (noise drawn in fp32 on the
+device
 from the per-example generator, scaled and added in place, bf16 autocast when `--precision`
 resolves to it, votes kept on the device and counted by one `bincount` per call). `--precision
 auto` resolves as `dmae certify` resolves it (bf16 on CUDA; the line `ours autocast` says what
@@ -53,8 +54,8 @@ from _common import (
     vit_forward_flops,
 )
 
-from dmae_cli.models import build_classifier
-from dmae_cli.sampler import Sampler, auto_parallel, example_generator
+from dmae_cli.models.vit import build_classifier
+from dmae_cli.smoothing.sampler import Sampler, auto_parallel, example_generator
 
 SIGMA = 0.5
 Run = Callable[[int], None]  # run(n): n noisy forward passes for every image

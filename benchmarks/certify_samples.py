@@ -44,10 +44,10 @@ import torch
 import yaml
 from scipy.special import ndtr
 
-from dmae_cli import registry
 from dmae_cli.api import Certifier, CertifyRequest, CountsFn
-from dmae_cli.certify import run_certify
-from dmae_cli.recipe import load_recipe
+from dmae_cli.config.recipe import load_recipe
+from dmae_cli.plugins import registry
+from dmae_cli.smoothing.certify import run_certify
 
 POPULATIONS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "digits-like": lambda rng, size: ndtr(1.8 + 0.9 * rng.standard_normal(size)),

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dmae_cli.finetune import run_finetune
-from dmae_cli.recipe import load_recipe
+from dmae_cli.config.recipe import load_recipe
+from dmae_cli.training.finetune import run_finetune
 
 
 def finetune_once(args: argparse.Namespace, init: str | None, out: Path) -> dict[str, float]:

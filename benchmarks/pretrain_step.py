@@ -1,6 +1,7 @@
 """Pre-training step throughput: our training loop against a naive one, same model, same data.
 
-Ours: `dmae_cli.train.Trainer` built as `dmae pretrain` builds it (`build_loader`, the DMAE loss,
+Ours: `dmae_cli.training.trainer.Trainer` built as `dmae pretrain` builds it (`build_loader`, the
+DMAE loss,
 AdamW on `param_groups_weight_decay`, the recipe's precision): timm's fused SDPA attention, on
 CUDA bf16 autocast and fused AdamW, one host sync per `log_every` updates, the progress bar and
 the per-epoch bookkeeping. Its figure is the Trainer's own `images_per_s` for the epoch (the
@@ -56,11 +57,11 @@ from _common import (
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from dmae_cli.models import DMAE, InputAdapter, build_backbone
-from dmae_cli.precision import autocast_dtype
-from dmae_cli.pretrain import dmae_loss
-from dmae_cli.recipe import DataConfig, PretrainConfig
-from dmae_cli.train import Trainer, build_loader
+from dmae_cli.config.recipe import DataConfig, PretrainConfig
+from dmae_cli.models.vit import DMAE, InputAdapter, build_backbone
+from dmae_cli.runtime.precision import autocast_dtype
+from dmae_cli.training.pretrain import dmae_loss
+from dmae_cli.training.trainer import Trainer, build_loader
 
 UNIQUE_IMAGES = 512  # distinct random images; an epoch cycles through them
 LR = 1.5e-4

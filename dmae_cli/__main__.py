@@ -1,3 +1,3 @@
-from dmae_cli.cli import main
+from dmae_cli.cli.app import main
 
 main()

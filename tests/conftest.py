@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("DMAE_PLUGINS", "builtin")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from dmae_cli.recipe import load_recipe  # noqa: E402
+from dmae_cli.config.recipe import load_recipe  # noqa: E402
 
 TINY_OVERRIDES = [
     "model.options={embed_dim: 32, depth: 2, num_heads: 2}",
@@ -89,8 +89,8 @@ def save_classifier(
     **state: object,
 ) -> Path:
     """A tiny digits classifier saved as `dmae finetune` saves one (plus `state` entries)."""
-    from dmae_cli import checkpoint
-    from dmae_cli.models import build_classifier
+    from dmae_cli.models.vit import build_classifier
+    from dmae_cli.runtime import checkpoint
 
     meta = tiny_classifier_meta(width, num_classes, sigma)
     torch.manual_seed(seed)

@@ -50,9 +50,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dmae_cli import checkpoint
-from dmae_cli.cli import app
-from dmae_cli.models import DMAE, InputAdapter, build_backbone, build_classifier
+from dmae_cli.cli.app import app
+from dmae_cli.models.vit import DMAE, InputAdapter, build_backbone, build_classifier
+from dmae_cli.runtime import checkpoint
 from tests.conftest import (
     TINY_OVERRIDES,
     one_line_error,
@@ -215,7 +215,7 @@ def test_corrupt_image_with_strict_is_one_line(tmp_path: Path, workers: int) -> 
 @pytest.fixture(scope="module")
 def truncated_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The digits train split in 8 shards, the third cut in the middle of a member."""
-    from dmae_cli.shard import ShardConfig, run_shard
+    from dmae_cli.data.shard import ShardConfig, run_shard
 
     root = tmp_path_factory.mktemp("shards")
     config = ShardConfig(dataset="digits", out=str(root / "digits-train"), max_count=200)
@@ -468,7 +468,7 @@ def test_debug_variable_shows_the_traceback(tmp_path: Path) -> None:
 def test_non_finite_loss_stops_at_its_update_keeps_the_checkpoint_and_suggests_a_lower_lr(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dmae_cli.pretrain as pretrain_module
+    import dmae_cli.training.pretrain as pretrain_module
 
     real_loss, calls = pretrain_module.dmae_loss, []
 

@@ -18,8 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import beta, binomtest, norm
 
-from dmae_cli import registry
 from dmae_cli.api import ABSTAIN, Certificate, Certifier, CertifyRequest, CountsFn
+from dmae_cli.plugins import registry
 from dmae_plugins.certifiers._bounds import cp_lower, cp_upper, gaussian_radius, thresholds
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import (

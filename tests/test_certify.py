@@ -18,22 +18,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dmae_cli import estimate as estimate_module
 from dmae_cli.api import Certificate, CertifyRequest, CountsFn
-from dmae_cli.certify import (
+from dmae_cli.cli.app import app
+from dmae_cli.config.recipe import Recipe, load_recipe, recipe_to_yaml
+from dmae_cli.runtime.checkpoint import file_sha256
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.interrupt import Interrupted
+from dmae_cli.runtime.precision import autocast_dtype, precision_name
+from dmae_cli.smoothing import estimate as estimate_module
+from dmae_cli.smoothing.certify import (
     COLUMNS,
     RowFile,
     read_lines,
     run_certify,
     select_indices,
 )
-from dmae_cli.checkpoint import file_sha256
-from dmae_cli.cli import app
-from dmae_cli.errors import UserError
-from dmae_cli.estimate import estimate_certify
-from dmae_cli.interrupt import Interrupted
-from dmae_cli.precision import autocast_dtype, precision_name
-from dmae_cli.recipe import Recipe, load_recipe, recipe_to_yaml
+from dmae_cli.smoothing.estimate import estimate_certify
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
 from tests.conftest import one_line_error, save_classifier

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmae_cli.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from dmae_cli.runtime.errors import UserError
 
 
 class CreatesAFile:
@@ -53,7 +53,7 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    from dmae_cli.checkpoint import atomic_write
+    from dmae_cli.runtime.checkpoint import atomic_write
 
     with pytest.raises(UserError, match="could not write .*c.txt: No space left on device"):
         atomic_write(tmp_path / "c.txt", explode)
@@ -69,14 +69,14 @@ def test_sigkill_in_the_middle_of_a_write_keeps_the_previous_file(tmp_path: Path
     import sys
     import time
 
-    from dmae_cli.checkpoint import remove_stale_temporaries
+    from dmae_cli.runtime.checkpoint import remove_stale_temporaries
 
     target, ready = tmp_path / "last.pth", tmp_path / "half-written"
     save_checkpoint(target, {"epoch": 1})
     writer = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from dmae_cli.checkpoint import atomic_write\n"
+        "from dmae_cli.runtime.checkpoint import atomic_write\n"
         "def half(f):\n"
         "    f.write(b'x' * 4096)\n"
         "    f.flush()\n"
@@ -103,7 +103,7 @@ class Killed(BaseException):
 
 def kill_when_saving(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Make the first `save_checkpoint` of a file called `name` die before writing it."""
-    from dmae_cli import checkpoint
+    from dmae_cli.runtime import checkpoint
 
     real = checkpoint.save_checkpoint
 
@@ -126,7 +126,7 @@ def kill_when_saving(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 def test_a_kill_while_saving_an_epoch_reruns_it_whole(
     tiny_recipe, monkeypatch: pytest.MonkeyPatch, one_torch_thread: None, killed_at: str
 ) -> None:
-    from dmae_cli.pretrain import run_pretrain
+    from dmae_cli.training.pretrain import run_pretrain
 
     recipe = tiny_recipe("pretrain.epochs=2")
     kill_when_saving(monkeypatch, killed_at)
@@ -140,7 +140,7 @@ def test_a_kill_while_saving_an_epoch_reruns_it_whole(
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume(tiny_recipe, one_torch_thread: None) -> None:
-    from dmae_cli.pretrain import run_pretrain
+    from dmae_cli.training.pretrain import run_pretrain
 
     run_pretrain(tiny_recipe("pretrain.epochs=1"))
     run = tiny_recipe().stage_dir("pretrain")

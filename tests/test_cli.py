@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dmae_cli.cli import app
+from dmae_cli.cli.app import app
 from tests.conftest import one_line_error
 
 runner = CliRunner()

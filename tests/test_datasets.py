@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dmae_cli.api import DatasetInfo, ImageDataset
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets import _common
 from dmae_plugins.datasets.cifar10 import CLASS_NAMES as CIFAR_NAMES
 from dmae_plugins.datasets.cifar10 import cifar10, safe_load
@@ -406,7 +406,7 @@ def test_fingerprint_frames_its_parts() -> None:
 
 
 def test_plugins_are_registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dmae_cli.registry import datasets
+    from dmae_cli.plugins.registry import datasets
 
     monkeypatch.setenv("DMAE_PLUGINS", "builtin")
     datasets.refresh()

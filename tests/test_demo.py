@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dmae_cli.cli import app
-from dmae_cli.demo import PACKAGED_RECIPE, RECIPE, demo_recipe, find_recipe
+from dmae_cli.cli.app import app
+from dmae_cli.cli.demo import PACKAGED_RECIPE, RECIPE, demo_recipe, find_recipe
 
 from .conftest import TINY_OVERRIDES
 
@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_packaged_recipe_is_a_copy_of_the_digits_recipe() -> None:
-    """The wheel ships dmae_cli/data/digits.yaml for `dmae demo` outside a checkout."""
+    """The wheel ships dmae_cli/config/digits.yaml for `dmae demo` outside a checkout."""
     packaged = ROOT / "dmae_cli" / PACKAGED_RECIPE
     assert packaged.read_text() == (ROOT / RECIPE).read_text(), (
-        "copy recipes/digits.yaml to dmae_cli/data/digits.yaml"
+        "copy recipes/digits.yaml to dmae_cli/config/digits.yaml"
     )
 
 
@@ -30,7 +30,7 @@ def test_recipe_comes_from_the_working_directory_or_the_package(
     assert find_recipe() == RECIPE
     monkeypatch.chdir(tmp_path)  # no recipes/ here: the copy inside the package
     found = find_recipe()
-    assert found.is_file() and found.parent.name == "data"
+    assert found.is_file() and found.parent.name == "config"
     recipe = demo_recipe(overrides=[f"runs_dir={tmp_path}"])
     assert recipe.name == "digits-demo" and recipe.certify.sigma == (0.25, 0.5)
 

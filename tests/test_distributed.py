@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dmae_cli.checkpoint import load_checkpoint
-from dmae_cli.pretrain import run_pretrain
-from dmae_cli.recipe import load_recipe
+from dmae_cli.config.recipe import load_recipe
+from dmae_cli.runtime.checkpoint import load_checkpoint
+from dmae_cli.training.pretrain import run_pretrain
 from tests.conftest import TINY_OVERRIDES
 
 EPOCHS = ["pretrain.epochs=3", "pretrain.warmup_epochs=1"]
@@ -49,7 +49,7 @@ def worker(rank: int, port: int, out: str, data: list[str]) -> None:
 
 def shards_of_digits(tmp_path: Path) -> list[str]:
     """The digits train split as webdataset shards of 200 samples: 8 shards, 4 per rank."""
-    from dmae_cli.shard import ShardConfig, run_shard
+    from dmae_cli.data.shard import ShardConfig, run_shard
 
     run_shard(ShardConfig("digits", out=str(tmp_path / "shards" / "digits-train"), max_count=200))
     return ["data.dataset=webdataset", f"data.root={tmp_path / 'shards'}"]

@@ -15,10 +15,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dmae_cli import checkpoint
-from dmae_cli.cli import app
-from dmae_cli.errors import UserError
-from dmae_cli.finetune import (
+from dmae_cli.cli.app import app
+from dmae_cli.config.recipe import FinetuneConfig
+from dmae_cli.models.vit import (
+    DMAE,
+    InputAdapter,
+    build_backbone,
+    build_classifier,
+    load_classifier,
+)
+from dmae_cli.models.weights import load_encoder, resize_pos_embed
+from dmae_cli.runtime import checkpoint
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.training.finetune import (
     ConfigIgnoredWarning,
     Objective,
     apply_timm_augmentation,
@@ -28,9 +37,6 @@ from dmae_cli.finetune import (
     layer_decay_groups,
     run_finetune,
 )
-from dmae_cli.models import DMAE, InputAdapter, build_backbone, build_classifier, load_classifier
-from dmae_cli.recipe import FinetuneConfig
-from dmae_cli.weights import load_encoder, resize_pos_embed
 from tests.conftest import one_line_error
 
 runner = CliRunner()
@@ -251,7 +257,7 @@ def test_load_classifier_rejects_a_pretraining_checkpoint(tmp_path: Path) -> Non
 def test_random_augmentation_on_small_images_warns(tiny_recipe) -> None:
     cfg = FinetuneConfig(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
     recipe = tiny_recipe()
-    from dmae_cli.pretrain import load_dataset
+    from dmae_cli.training.pretrain import load_dataset
 
     dataset = load_dataset(recipe, "train", augment=True)
     before = dataset.transform
@@ -352,8 +358,8 @@ def test_cli_help_has_examples() -> None:
 
 
 def test_random_augmentation_replaces_the_transform_of_large_images(tiny_recipe) -> None:
-    from dmae_cli.finetune import TimmTrainTransform
-    from dmae_cli.pretrain import load_dataset
+    from dmae_cli.training.finetune import TimmTrainTransform
+    from dmae_cli.training.pretrain import load_dataset
 
     recipe = tiny_recipe("data.image_size=64")
     dataset = load_dataset(recipe, "train", augment=True)

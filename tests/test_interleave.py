@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from dmae_cli.api import CertifyRequest, CountsFn
-from dmae_cli.interleave import certify_together
-from dmae_cli.sampler import Sampler, example_generator
+from dmae_cli.smoothing.interleave import certify_together
+from dmae_cli.smoothing.sampler import Sampler, example_generator
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
 

@@ -4,8 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmae_cli.models import DMAE, InputAdapter, build_backbone, patchify, random_masking, unpatchify
-from dmae_cli.pretrain import dmae_loss
+from dmae_cli.models.vit import (
+    DMAE,
+    InputAdapter,
+    build_backbone,
+    patchify,
+    random_masking,
+    unpatchify,
+)
+from dmae_cli.training.pretrain import dmae_loss
 
 
 def tiny_dmae(input_size: int = 8, model_size: int = 16, norm_pix_loss: bool = False) -> DMAE:

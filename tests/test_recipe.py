@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmae_cli.recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
+from dmae_cli.config.recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
 
 RECIPES = sorted(Path("recipes").glob("*.yaml"))
 

@@ -8,7 +8,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmae_cli.recipe import Recipe, RecipeError, load_recipe
+from dmae_cli.config.recipe import Recipe, RecipeError, load_recipe
 
 KEYS = [
     "name",

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from dmae_cli import registry
 from dmae_cli.api import contract_problems
-from dmae_cli.errors import UserError
-from dmae_cli.registry import PluginWarning, Registry
+from dmae_cli.plugins import registry
+from dmae_cli.plugins.registry import PluginWarning, Registry
+from dmae_cli.runtime.errors import UserError
 
 BACKBONES = ["vit_base_patch16", "vit_huge_patch14", "vit_large_patch16", "vit_small", "vit_tiny"]
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmae_cli.certify import COLUMNS, HEADER_LINE, Row, run_certify
-from dmae_cli.checkpoint import load_checkpoint
-from dmae_cli.recipe import load_recipe
+from dmae_cli.config.recipe import load_recipe
+from dmae_cli.runtime.checkpoint import load_checkpoint
+from dmae_cli.smoothing.certify import COLUMNS, HEADER_LINE, Row, run_certify
 from tests.conftest import TINY_OVERRIDES
 from tests.test_certify import save_classifier
 

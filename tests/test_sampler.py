@@ -13,12 +13,12 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmae_cli import precision as precision_module
-from dmae_cli import sampler as sampler_module
-from dmae_cli.errors import UserError
-from dmae_cli.models import build_classifier
-from dmae_cli.precision import autocast_dtype, cpu_has_native_bf16
-from dmae_cli.sampler import (
+from dmae_cli.models.vit import build_classifier
+from dmae_cli.runtime import precision as precision_module
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.precision import autocast_dtype, cpu_has_native_bf16
+from dmae_cli.smoothing import sampler as sampler_module
+from dmae_cli.smoothing.sampler import (
     NOISE_CHUNK,
     OUT_OF_MEMORY,
     NoiseStream,

@@ -26,16 +26,16 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 from typer.testing import CliRunner
 
-from dmae_cli import registry
-from dmae_cli.cli import app
-from dmae_cli.errors import UserError
-from dmae_cli.shard import (
+from dmae_cli.cli.app import app
+from dmae_cli.data.shard import (
     ShardConfig,
     parse_size,
     quantize,
     run_shard,
     sample_order,
 )
+from dmae_cli.plugins import registry
+from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._shard_stream import ShardError, ShardStream, apportion
 from dmae_plugins.datasets.digits import digits
 from dmae_plugins.datasets.imagefolder import imagefolder

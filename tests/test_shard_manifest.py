@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dmae_cli.errors import UserError
-from dmae_cli.shard import ShardConfig, run_shard
-from dmae_cli.shard_manifest import bad_shard_name, listed_shard
+from dmae_cli.data.manifest import bad_shard_name, listed_shard
+from dmae_cli.data.shard import ShardConfig, run_shard
+from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets.webdataset import webdataset
 
 MANIFEST = "x-manifest.json"
@@ -151,7 +151,7 @@ def test_certify_refuses_commands_from_a_config_found_beside_the_checkpoint(
     import yaml
     from typer.testing import CliRunner
 
-    from dmae_cli.cli import app
+    from dmae_cli.cli.app import app
     from tests.conftest import one_line_error, save_classifier
 
     run = tmp_path / "stranger"

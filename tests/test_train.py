@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from dmae_cli.checkpoint import load_checkpoint
-from dmae_cli.pretrain import run_pretrain
-from dmae_cli.recipe import DataConfig, OptimConfig
-from dmae_cli.train import (
+from dmae_cli.config.recipe import DataConfig, OptimConfig
+from dmae_cli.runtime.checkpoint import load_checkpoint
+from dmae_cli.training.pretrain import run_pretrain
+from dmae_cli.training.trainer import (
     SpikeDetector,
     Trainer,
     TrainingDiverged,
@@ -164,8 +164,8 @@ def test_sigint_mid_epoch_saves_and_resumes_exactly(tiny_recipe, monkeypatch) ->
     import os
     import signal
 
-    import dmae_cli.pretrain as pretrain_module
-    from dmae_cli.interrupt import Interrupted
+    import dmae_cli.training.pretrain as pretrain_module
+    from dmae_cli.runtime.interrupt import Interrupted
 
     straight = tiny_recipe("pretrain.epochs=2", "name=straight")
     run_pretrain(straight)

@@ -105,8 +105,8 @@ def metrics(run: Path) -> list[dict]:
 
 def pretrain_problems(run: Path) -> list[str]:
     """What is wrong with a pretraining directory after a kill (nothing, hopefully)."""
-    from dmae_cli.checkpoint import load_checkpoint
-    from dmae_cli.errors import UserError
+    from dmae_cli.runtime.checkpoint import load_checkpoint
+    from dmae_cli.runtime.errors import UserError
 
     problems = []
     for path in sorted(run.glob("*.pth")):
@@ -127,14 +127,14 @@ def last_epoch_seconds(run: Path) -> float:
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
-    from dmae_cli.checkpoint import load_checkpoint
+    from dmae_cli.runtime.checkpoint import load_checkpoint
 
     wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
 def pretrain_acceptance(args: argparse.Namespace, work: Path) -> bool:
-    from dmae_cli.recipe import load_recipe
+    from dmae_cli.config.recipe import load_recipe
 
     epochs = load_recipe(args.recipe, args.set).pretrain.epochs
     if args.kills > epochs - 2:
@@ -204,9 +204,9 @@ def pretrain_acceptance(args: argparse.Namespace, work: Path) -> bool:
 def find_model(args: argparse.Namespace, work: Path) -> Path:
     """--checkpoint, else the latest fine-tuned model for the sigma under --runs-dir (as
     `dmae certify` without a recipe finds it), else a short fine-tuning run made here."""
-    from dmae_cli.certify import latest_model
-    from dmae_cli.errors import UserError
-    from dmae_cli.recipe import sigma_name
+    from dmae_cli.config.recipe import sigma_name
+    from dmae_cli.runtime.errors import UserError
+    from dmae_cli.smoothing.certify import latest_model
 
     if args.checkpoint is not None:
         return args.checkpoint
@@ -227,7 +227,7 @@ def find_model(args: argparse.Namespace, work: Path) -> Path:
 def tsv_rows(path: Path) -> list[str]:
     """The rows of a TSV; raises ValueError unless every line is a whole, parsable row and
     no example appears twice."""
-    from dmae_cli.certify import HEADER_LINE, Row
+    from dmae_cli.smoothing.certify import HEADER_LINE, Row
 
     text = path.read_text() if path.is_file() else ""
     if not text:
@@ -244,7 +244,7 @@ def tsv_rows(path: Path) -> list[str]:
 
 
 def without_time(rows: list[str]) -> list[list[str]]:
-    from dmae_cli.certify import COLUMNS
+    from dmae_cli.smoothing.certify import COLUMNS
 
     skip = COLUMNS.index("time")
     return [[c for i, c in enumerate(row.split("\t")) if i != skip] for row in rows]
@@ -269,8 +269,8 @@ def certify_problems(tsv: Path, before: list[str], reference: list[str]) -> list
 
 
 def certify_acceptance(args: argparse.Namespace, work: Path) -> bool:
-    from dmae_cli.certify import Row
-    from dmae_cli.recipe import sigma_name
+    from dmae_cli.config.recipe import sigma_name
+    from dmae_cli.smoothing.certify import Row
 
     model = find_model(args, work)
     straight, killed, logs = work / "straight", work / "killed", work / "logs"

@@ -169,7 +169,7 @@ def fewest_hopeful_votes(
     comparison per check. The checks happen at the same few hundred (look, threshold) pairs for
     every input of a run, so each boundary costs a dozen beta-binomial tails once per process
     instead of one tail (about 0.1-1 ms at n = 10,000) per check of every input. The lock
-    makes examples certified side by side (one thread each, `dmae_cli.interleave`), which
+    makes examples certified side by side (one thread each, `dmae_cli.smoothing.interleave`), which
     reach a new pair together, search it once instead of once each.
     """
     with _BOUNDARY_LOCK:

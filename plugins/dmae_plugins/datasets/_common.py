@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dmae_cli.api import DatasetInfo
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 
 SPLITS = {"train": "train", "test": "test", "val": "test"}
 FINGERPRINT_CHARS = 16

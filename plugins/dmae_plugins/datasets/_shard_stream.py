@@ -60,7 +60,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from dmae_cli.api import DatasetInfo
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._common import DataError, SkipCounter
 from dmae_plugins.datasets.imagefolder import DECODE_ERRORS
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dmae_cli.api import DatasetInfo
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._common import (
     InMemoryImages,
     check_image_size,

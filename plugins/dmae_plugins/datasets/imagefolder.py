@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from dmae_cli.api import DatasetInfo
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._common import (
     DataError,
     SkipCounter,

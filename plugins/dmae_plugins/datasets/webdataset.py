@@ -55,8 +55,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from dmae_cli.api import DatasetInfo
-from dmae_cli.errors import UserError
-from dmae_cli.shard_manifest import MANIFEST_SUFFIX, listed_shard
+from dmae_cli.data.manifest import MANIFEST_SUFFIX, listed_shard
+from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._common import (
     check_image_size,
     check_options,

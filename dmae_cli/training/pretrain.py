@@ -15,12 +15,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dmae_cli import __version__, checkpoint, distributed, registry, ui
+from dmae_cli import __version__
 from dmae_cli.api import DatasetInfo
-from dmae_cli.errors import UserError
-from dmae_cli.models import DMAE, InputAdapter, build_backbone
-from dmae_cli.recipe import Recipe, recipe_to_yaml
-from dmae_cli.train import Trainer, build_loader, resolve_device
+from dmae_cli.config.recipe import Recipe, recipe_to_yaml
+from dmae_cli.models.vit import DMAE, InputAdapter, build_backbone
+from dmae_cli.plugins import registry
+from dmae_cli.runtime import checkpoint, distributed, ui
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.training.trainer import Trainer, build_loader, resolve_device
 
 
 def add_noise(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -196,7 +198,7 @@ def run_pretrain(
 
 def write_reconstructions(recipe: Recipe, model: DMAE, path: Path, device: torch.device) -> Path:
     """clean / noisy + masked input / reconstruction for a few test images, as one PNG."""
-    from dmae_cli.pictures import reconstruction_grid
+    from dmae_cli.training.pictures import reconstruction_grid
 
     test_set = load_dataset(recipe, "test", augment=False)
     count = recipe.pretrain.reconstructions

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
-from dmae_cli import checkpoint, ui
-from dmae_cli.errors import UserError
+from dmae_cli.runtime import checkpoint, ui
+from dmae_cli.runtime.errors import UserError
 
 DECODER_PREFIXES = ("decoder_", "mask_token")
 HEAD_KEYS = ("head.weight", "head.bias")

@@ -12,7 +12,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from dmae_cli import distributed
+from dmae_cli.runtime import distributed
 
 # Progress and messages go to stderr so that stdout carries only results a script may parse.
 console = Console(stderr=True)

@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import torch
 
-from dmae_cli.checkpoint import atomic_write
-from dmae_cli.models import DMAE, patchify, unpatchify
+from dmae_cli.models.vit import DMAE, patchify, unpatchify
+from dmae_cli.runtime.checkpoint import atomic_write
 
 
 def _to_display(model: DMAE, pixels_or_normalised: torch.Tensor, normalised: bool) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from dmae_cli.api import contract_problems
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 
 try:  # Python >= 3.10 has a stdlib version, the backport follows the newest API.
     import importlib_metadata as metadata

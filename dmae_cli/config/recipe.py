@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 
 
 class RecipeError(UserError):

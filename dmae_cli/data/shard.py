@@ -53,11 +53,13 @@ from PIL import Image
 from rich.progress import TextColumn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from dmae_cli import __version__, registry, ui
-from dmae_cli.checkpoint import atomic_write_text, file_sha256
-from dmae_cli.errors import UserError
-from dmae_cli.interrupt import GracefulStop, Interrupted
-from dmae_cli.shard_manifest import MANIFEST_SUFFIX, bad_shard_name, listed_shard
+from dmae_cli import __version__
+from dmae_cli.data.manifest import MANIFEST_SUFFIX, bad_shard_name, listed_shard
+from dmae_cli.plugins import registry
+from dmae_cli.runtime import ui
+from dmae_cli.runtime.checkpoint import atomic_write_text, file_sha256
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
 
 MANIFEST_VERSION = 1
 FORMATS = {"png": "png", "jpeg": "jpg", "npy": "npy"}  # --format -> tar member suffix

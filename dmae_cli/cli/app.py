@@ -19,10 +19,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dmae_cli import __version__, registry, ui
-from dmae_cli.errors import UserError
-from dmae_cli.interrupt import Interrupted
-from dmae_cli.recipe import load_recipe
+from dmae_cli import __version__
+from dmae_cli.config.recipe import load_recipe
+from dmae_cli.plugins import registry
+from dmae_cli.runtime import ui
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.interrupt import Interrupted
 
 app = typer.Typer(
     name="dmae",
@@ -120,7 +122,7 @@ def pretrain(
 
       dmae pretrain recipes/vitl.yaml --set data.root=/data/imagenet --set pretrain.epochs=1600
     """
-    from dmae_cli.pretrain import redraw_reconstructions, run_pretrain
+    from dmae_cli.training.pretrain import redraw_reconstructions, run_pretrain
 
     cfg = load_recipe(recipe, overrides or [])
     if pictures_only:
@@ -188,7 +190,7 @@ def finetune(
 
       dmae finetune recipes/digits.yaml --init none --set finetune.consistency=false
     """
-    from dmae_cli.finetune import run_finetune
+    from dmae_cli.training.finetune import run_finetune
 
     items = list(overrides or [])
     if sigma:
@@ -330,9 +332,9 @@ def certify(
     Under torchrun write -n, not --n, and --set certify.start=K, not --start: torchrun
     takes those for abbreviations of its own options.
     """
-    from dmae_cli import distributed
-    from dmae_cli.certify import resolve_recipe, run_certify
-    from dmae_cli.estimate import estimate_certify
+    from dmae_cli.runtime import distributed
+    from dmae_cli.smoothing.certify import resolve_recipe, run_certify
+    from dmae_cli.smoothing.estimate import estimate_certify
 
     path, sigmas = _recipe_and_sigmas(recipe, ctx.args, sigma or [])
     flags = {
@@ -379,7 +381,7 @@ def _batch_size_value(text: str | None) -> int | str | None:
 
 def _show_estimate(estimates: list[Any], cfg: Any) -> None:
     """The projected noisy passes and wall time per sigma (stdout); how they were measured."""
-    from dmae_cli.estimate import estimate_notes, format_duration
+    from dmae_cli.smoothing.estimate import estimate_notes, format_duration
 
     def cells(todo: str, passes: int, rate: str, seconds: float | None, exact: bool) -> list[str]:
         at_most = "" if exact else "<= "  # a certifier that may stop early
@@ -530,8 +532,8 @@ def report(
 
       dmae report noise_0.50.tsv --alpha 0.01
     """
-    from dmae_cli.report import ReportOptions, parse_radii, run_report
-    from dmae_cli.report_formats import parse_formats
+    from dmae_cli.report.formats import parse_formats
+    from dmae_cli.report.run import ReportOptions, parse_radii, run_report
 
     options = ReportOptions(
         radii=parse_radii(radii),
@@ -575,7 +577,7 @@ def demo(
 
       dmae demo --set pretrain.epochs=20 --set finetune.epochs=20
     """
-    from dmae_cli.demo import closing_lines, demo_recipe, run_demo
+    from dmae_cli.cli.demo import closing_lines, demo_recipe, run_demo
 
     result = run_demo(demo_recipe(recipe, overrides or []))
     for line in closing_lines(result):  # unwrapped, so that paths can be copied
@@ -717,7 +719,7 @@ def shard(
 
     Then train with --set data.dataset=webdataset --set data.root=/shards
     """
-    from dmae_cli.shard import ShardConfig, parse_options, parse_size, run_shard, summary
+    from dmae_cli.data.shard import ShardConfig, parse_options, parse_size, run_shard, summary
 
     cfg = ShardConfig(
         dataset=dataset,

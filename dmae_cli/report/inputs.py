@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta, norm
 
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 
 ABSTAIN = -1
 REQUIRED = ("label", "predict", "radius", "correct")

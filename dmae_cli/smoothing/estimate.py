@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from dmae_cli import distributed
 from dmae_cli.api import Certifier
-from dmae_cli.certify import Job, check_header, finished, prepare
-from dmae_cli.recipe import CertifyConfig, Recipe, sigma_name
-from dmae_cli.sampler import Sampler
+from dmae_cli.config.recipe import CertifyConfig, Recipe, sigma_name
+from dmae_cli.runtime import distributed
+from dmae_cli.smoothing.certify import Job, check_header, finished, prepare
+from dmae_cli.smoothing.sampler import Sampler
 
 ESTIMATE_SECONDS = 3.0  # timed sampling per sigma, after the warm-up
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
-from dmae_cli import registry
+from dmae_cli.plugins import registry
 
 
 class InputAdapter(nn.Module):
@@ -57,7 +57,7 @@ def build_backbone(
     try:
         return factory(img_size=img_size, patch_size=patch_size, in_chans=in_chans, **overrides)
     except TypeError as exc:
-        from dmae_cli.errors import UserError
+        from dmae_cli.runtime.errors import UserError
 
         raise UserError(f"backbone '{name}' rejected its options {overrides}: {exc}") from exc
 
@@ -296,8 +296,8 @@ def load_classifier(
     The checkpoint describes its own model (`meta`), so nothing else is needed; any file that
     is not such a classifier fails with one `UserError` line saying what it is instead.
     """
-    from dmae_cli import checkpoint
-    from dmae_cli.errors import UserError
+    from dmae_cli.runtime import checkpoint
+    from dmae_cli.runtime.errors import UserError
 
     state = checkpoint.load_checkpoint(path)
     meta = state.get("meta")

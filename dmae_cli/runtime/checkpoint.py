@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:

@@ -10,9 +10,9 @@ from typing import Any
 
 from rich.table import Table
 
-from dmae_cli.errors import UserError
-from dmae_cli.published import PublishedTable
-from dmae_cli.report import Point, Report, RunReport, Summary
+from dmae_cli.report.published import PublishedTable
+from dmae_cli.report.run import Point, Report, RunReport, Summary
+from dmae_cli.runtime.errors import UserError
 
 FORMATS = ("table", "markdown", "latex", "csv", "json")
 SUFFIX = {"markdown": ".md", "latex": ".tex", "csv": ".csv", "json": ".json"}

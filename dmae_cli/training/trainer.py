@@ -36,11 +36,11 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from dmae_cli import checkpoint, distributed, ui
-from dmae_cli.errors import UserError
-from dmae_cli.interrupt import GracefulStop, Interrupted
-from dmae_cli.precision import autocast, autocast_dtype
-from dmae_cli.recipe import DataConfig, OptimConfig
+from dmae_cli.config.recipe import DataConfig, OptimConfig
+from dmae_cli.runtime import checkpoint, distributed, ui
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
+from dmae_cli.runtime.precision import autocast, autocast_dtype
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]

@@ -22,7 +22,8 @@ still to do are dealt round-robin to the ranks; rank 0 appends to the TSV, rank 
 done. Each example's noise comes from its own generator, so the merged file is the one a
 single process writes.
 
-`dmae_cli.estimate` (`dmae certify --estimate`) builds the same jobs, times a short sample of
+`dmae_cli.smoothing.estimate` (`dmae certify --estimate`) builds the same jobs, times a short
+sample of
 noisy forward passes on each and projects the cost of what is left, writing nothing.
 """
 
@@ -45,23 +46,25 @@ import torch
 import torch.nn as nn
 from rich.progress import TextColumn
 
-from dmae_cli import __version__, checkpoint, distributed, registry, ui
+from dmae_cli import __version__
 from dmae_cli.api import Certificate, Certifier, CertifyRequest, CountsFn, DatasetInfo
-from dmae_cli.errors import UserError
-from dmae_cli.interleave import certify_together
-from dmae_cli.interrupt import GracefulStop, Interrupted
-from dmae_cli.models import load_classifier
-from dmae_cli.precision import autocast_dtype
-from dmae_cli.pretrain import load_dataset
-from dmae_cli.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
-from dmae_cli.sampler import (
+from dmae_cli.config.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
+from dmae_cli.models.vit import load_classifier
+from dmae_cli.plugins import registry
+from dmae_cli.runtime import checkpoint, distributed, ui
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
+from dmae_cli.runtime.precision import autocast_dtype
+from dmae_cli.smoothing.interleave import certify_together
+from dmae_cli.smoothing.sampler import (
     Sampler,
     auto_batch_size,
     auto_parallel,
     example_generator,
     is_auto_batch,
 )
-from dmae_cli.train import resolve_device
+from dmae_cli.training.pretrain import load_dataset
+from dmae_cli.training.trainer import resolve_device
 
 COLUMNS = (
     "idx", "label", "predict", "radius", "correct", "time",
@@ -553,7 +556,7 @@ class Job:
         return image, generator, certify
 
     def rows(self, group: list[int]) -> list[Row]:
-        """Certify the examples of `group` side by side (see `dmae_cli.interleave`)."""
+        """Certify the examples of `group` side by side (see `dmae_cli.smoothing.interleave`)."""
         if len(group) == 1:
             image, generator, certify = self.task(group[0])
             return [certify(self.sampler.counts(image, generator))]

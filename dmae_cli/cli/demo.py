@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from dmae_cli import ui
-from dmae_cli.errors import UserError
-from dmae_cli.recipe import Recipe, load_recipe
-from dmae_cli.report import ReportOptions, ReportResult, Summary, parse_radii
+from dmae_cli.config.recipe import Recipe, load_recipe
+from dmae_cli.report.run import ReportOptions, ReportResult, Summary, parse_radii
+from dmae_cli.runtime import ui
+from dmae_cli.runtime.errors import UserError
 
 RECIPE = Path("recipes/digits.yaml")
-PACKAGED_RECIPE = "data/digits.yaml"  # a link to recipes/digits.yaml: the wheel holds its text
+PACKAGED_RECIPE = "config/digits.yaml"  # a link to recipes/digits.yaml: the wheel holds its text
 SIGMA, RADIUS = 0.5, 0.5  # the headline number: certified accuracy at radius 0.5, sigma 0.5
 # The demo's departures from the recipe, and why. Applied before the user's --set items.
 DEMO_OVERRIDES = (
@@ -69,10 +69,10 @@ def _stage(number: int, name: str, detail: str) -> None:
 
 def run_demo(recipe: Recipe) -> DemoResult:
     """pretrain -> finetune -> certify -> report, each stage's own progress on the way."""
-    from dmae_cli.certify import run_certify
-    from dmae_cli.finetune import run_finetune
-    from dmae_cli.pretrain import run_pretrain
-    from dmae_cli.report import run_report
+    from dmae_cli.report.run import run_report
+    from dmae_cli.smoothing.certify import run_certify
+    from dmae_cli.training.finetune import run_finetune
+    from dmae_cli.training.pretrain import run_pretrain
 
     start = time.perf_counter()
     p, f, c = recipe.pretrain, recipe.finetune, recipe.certify

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from dmae_cli import distributed
-from dmae_cli.errors import UserError
+from dmae_cli.runtime import distributed
+from dmae_cli.runtime.errors import UserError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import beta
 
-from dmae_cli.errors import UserError
-from dmae_cli.report_inputs import (
+from dmae_cli.report.inputs import (
     ABSTAIN,
     CertResults,
     ReportWarning,
@@ -37,6 +36,7 @@ from dmae_cli.report_inputs import (
     warn,
     with_alpha,
 )
+from dmae_cli.runtime.errors import UserError
 
 
 # -- radii --------------------------------------------------------------------------------------
@@ -226,10 +226,10 @@ def run_report(paths: Sequence[Path], options: ReportOptions) -> ReportResult:
     from rich.console import Console
     from rich.markup import escape
 
-    from dmae_cli import ui
-    from dmae_cli.checkpoint import atomic_write_text
-    from dmae_cli.published import published_table
-    from dmae_cli.report_formats import RENDERERS, SUFFIX, rich_tables
+    from dmae_cli.report.formats import RENDERERS, SUFFIX, rich_tables
+    from dmae_cli.report.published import published_table
+    from dmae_cli.runtime import ui
+    from dmae_cli.runtime.checkpoint import atomic_write_text
 
     compare = published_table(options.compare) if options.compare else None
     with warnings.catch_warnings(record=True) as caught:
@@ -262,7 +262,7 @@ def run_report(paths: Sequence[Path], options: ReportOptions) -> ReportResult:
     if plot is None and options.out is not None:
         plot = options.out / "curves.png"
     if plot is not None:
-        from dmae_cli.plots import save_curves
+        from dmae_cli.report.plots import save_curves
 
         files += save_curves(report, plot)
     return ReportResult(report, files)

@@ -1,6 +1,6 @@
 """Published certified accuracies (PAPER.md §4), shipped as package data with their sources.
 
-The numbers live in `dmae_cli/data/published.yaml` so that they can be read, cited and
+The numbers live in `dmae_cli/report/published.yaml` so that they can be read, cited and
 corrected without touching code; this module only loads and looks them up.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from dmae_cli.errors import UserError
+from dmae_cli.runtime.errors import UserError
 
-DATA = "data/published.yaml"
+DATA = "report/published.yaml"
 RADIUS_TOLERANCE = 1e-9  # radii are compared as decimals written in a table, not computed
 
 

@@ -4,7 +4,8 @@ A certifier asks for `counts(num)` several times per image; each call draws `num
 the image plus N(0, sigma^2 I) noise, generated in fp32 in [0, 1] pixel space at the image's
 native resolution directly on the model's device (the model's `InputAdapter` then resizes and
 normalises), forwards them in batches (bf16 autocast under `precision: auto` on CUDA and on a
-CPU with native bf16 arithmetic, see `dmae_cli.precision`), and votes with argmax. Predictions are
+CPU with native bf16 arithmetic, see `dmae_cli.runtime.precision`), and votes with argmax.
+Predictions are
 written into one preallocated device tensor and counted by a single `bincount` at the end, so
 the batches run back to back with no host synchronisation between them (CUDA's `bincount`
 synchronises to size its output: once per call, together with the copy of the counts to the
@@ -21,7 +22,8 @@ Every example draws its noise from its own stream (`NoiseStream`): a generator s
 kept for the next request. So noisy copy number i of an example is the same whatever came
 before it (other examples, another process's share of the work, a resume) and however the
 copies are asked for: the batch size, the sizes of a certifier's requests, the packing of
-several examples into one forward pass (`dmae_cli.interleave`) and the out-of-memory back-off
+several examples into one forward pass (`dmae_cli.smoothing.interleave`) and the out-of-memory
+back-off
 (which halves the copies per forward pass, `forward_size`) leave the noise unchanged. Two
 certifiers run with one seed therefore see the same noise, copy for copy: a sequential
 certifier's votes are a prefix of `cohen`'s, which makes their comparison a paired one.
@@ -42,10 +44,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dmae_cli import distributed, ui
 from dmae_cli.api import CountsFn
-from dmae_cli.errors import UserError
-from dmae_cli.precision import autocast, autocast_dtype, precision_name
+from dmae_cli.runtime import distributed, ui
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.precision import autocast, autocast_dtype, precision_name
 
 # Recent torch names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
 OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from dmae_cli.checkpoint import atomic_write
-from dmae_cli.errors import UserError
-from dmae_cli.report import CertResults, Report
+from dmae_cli.report.run import CertResults, Report
+from dmae_cli.runtime.checkpoint import atomic_write
+from dmae_cli.runtime.errors import UserError
 
 GRID_POINTS = 400  # dense enough that each curve's steps are drawn where they are
 FORMATS = (".png", ".pdf")

@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 
 from dmae_cli.api import CountsFn
-from dmae_cli.sampler import NoiseStream, Sampler
+from dmae_cli.smoothing.sampler import NoiseStream, Sampler
 
 T = TypeVar("T")
 Task = Callable[[CountsFn], T]  # one certification, given its example's counts function
