@@ -62,11 +62,12 @@ from _common import command_line, machine, markdown_table, naive_counts, sync
 from scipy.stats import beta, norm
 
 from dmae_cli.config.recipe import Recipe, load_recipe, sigma_name
+from dmae_cli.data.loading import load_dataset
 from dmae_cli.models.vit import load_classifier
 from dmae_cli.runtime.errors import UserError
-from dmae_cli.smoothing.certify import model_path, run_certify, select_indices
+from dmae_cli.smoothing.certify import run_certify
+from dmae_cli.smoothing.jobs import model_path, select_indices
 from dmae_cli.smoothing.sampler import NoiseStream, example_generator
-from dmae_cli.training.pretrain import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 ABSTAIN = -1

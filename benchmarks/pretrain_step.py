@@ -58,10 +58,11 @@ from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from dmae_cli.config.recipe import DataConfig, PretrainConfig
+from dmae_cli.data.loading import build_loader
 from dmae_cli.models.vit import DMAE, InputAdapter, build_backbone
 from dmae_cli.runtime.precision import autocast_dtype
 from dmae_cli.training.pretrain import dmae_loss
-from dmae_cli.training.trainer import Trainer, build_loader
+from dmae_cli.training.trainer import Trainer
 
 UNIQUE_IMAGES = 512  # distinct random images; an epoch cycles through them
 LR = 1.5e-4

@@ -26,14 +26,10 @@ from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.interrupt import Interrupted
 from dmae_cli.runtime.precision import autocast_dtype, precision_name
 from dmae_cli.smoothing import estimate as estimate_module
-from dmae_cli.smoothing.certify import (
-    COLUMNS,
-    RowFile,
-    read_lines,
-    run_certify,
-    select_indices,
-)
+from dmae_cli.smoothing.certify import run_certify
 from dmae_cli.smoothing.estimate import estimate_certify
+from dmae_cli.smoothing.jobs import select_indices
+from dmae_cli.smoothing.runfile import COLUMNS, RowFile, read_lines
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
 from tests.conftest import one_line_error, save_classifier

@@ -257,7 +257,7 @@ def test_load_classifier_rejects_a_pretraining_checkpoint(tmp_path: Path) -> Non
 def test_random_augmentation_on_small_images_warns(tiny_recipe) -> None:
     cfg = FinetuneConfig(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
     recipe = tiny_recipe()
-    from dmae_cli.training.pretrain import load_dataset
+    from dmae_cli.data.loading import load_dataset
 
     dataset = load_dataset(recipe, "train", augment=True)
     before = dataset.transform
@@ -358,8 +358,8 @@ def test_cli_help_has_examples() -> None:
 
 
 def test_random_augmentation_replaces_the_transform_of_large_images(tiny_recipe) -> None:
+    from dmae_cli.data.loading import load_dataset
     from dmae_cli.training.finetune import TimmTrainTransform
-    from dmae_cli.training.pretrain import load_dataset
 
     recipe = tiny_recipe("data.image_size=64")
     dataset = load_dataset(recipe, "train", augment=True)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from dmae_cli.cli.app import app
 from dmae_cli.plugins import registry
-from dmae_cli.smoothing.certify import COLUMNS, Row, read_lines
+from dmae_cli.smoothing.runfile import COLUMNS, Row, read_lines
 from tests.test_certify import RECIPE, save_classifier
 from tests.test_registry import make_distribution
 

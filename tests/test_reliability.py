@@ -26,7 +26,8 @@ import torch
 
 from dmae_cli.config.recipe import load_recipe
 from dmae_cli.runtime.checkpoint import load_checkpoint
-from dmae_cli.smoothing.certify import COLUMNS, HEADER_LINE, Row, run_certify
+from dmae_cli.smoothing.certify import run_certify
+from dmae_cli.smoothing.runfile import COLUMNS, HEADER_LINE, Row
 from tests.conftest import TINY_OVERRIDES
 from tests.test_certify import save_classifier
 

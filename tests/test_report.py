@@ -12,10 +12,11 @@ from scipy.stats import binomtest, norm
 from typer.testing import CliRunner
 
 from dmae_cli.cli.app import app
+from dmae_cli.report import published
 from dmae_cli.report.inputs import find_inputs, read_results, with_alpha
 from dmae_cli.report.plots import curves_figure, save_curves
-from dmae_cli.report import published
-from dmae_cli.report.run import build_report, parse_radii
+from dmae_cli.report.run import parse_radii
+from dmae_cli.report.tables import build_report
 from dmae_cli.runtime.errors import UserError
 from tests.conftest import one_line_error
 
@@ -159,7 +160,7 @@ def test_sigma_from_names_column_and_option(tmp_path: Path) -> None:
 
 def ours(directory: Path, sigma: float, rows: list[tuple], certifier: str = "cohen") -> Path:
     """A file as `dmae certify` writes it, through its own Row class and header name."""
-    from dmae_cli.smoothing.certify import HEADER_LINE, Row
+    from dmae_cli.smoothing.runfile import HEADER_LINE, Row
 
     directory.mkdir(parents=True, exist_ok=True)
     tsv = directory / f"sigma-{sigma!r}.tsv"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dmae_cli.config.recipe import DataConfig, OptimConfig
+from dmae_cli.data.loading import build_loader
 from dmae_cli.runtime.checkpoint import load_checkpoint
 from dmae_cli.training.pretrain import run_pretrain
 from dmae_cli.training.trainer import (
@@ -15,7 +16,6 @@ from dmae_cli.training.trainer import (
     Trainer,
     TrainingDiverged,
     base_lr,
-    build_loader,
     fused_adamw,
 )
 

@@ -206,7 +206,7 @@ def find_model(args: argparse.Namespace, work: Path) -> Path:
     `dmae certify` without a recipe finds it), else a short fine-tuning run made here."""
     from dmae_cli.config.recipe import sigma_name
     from dmae_cli.runtime.errors import UserError
-    from dmae_cli.smoothing.certify import latest_model
+    from dmae_cli.smoothing.jobs import latest_model
 
     if args.checkpoint is not None:
         return args.checkpoint
@@ -227,7 +227,7 @@ def find_model(args: argparse.Namespace, work: Path) -> Path:
 def tsv_rows(path: Path) -> list[str]:
     """The rows of a TSV; raises ValueError unless every line is a whole, parsable row and
     no example appears twice."""
-    from dmae_cli.smoothing.certify import HEADER_LINE, Row
+    from dmae_cli.smoothing.runfile import HEADER_LINE, Row
 
     text = path.read_text() if path.is_file() else ""
     if not text:
@@ -244,7 +244,7 @@ def tsv_rows(path: Path) -> list[str]:
 
 
 def without_time(rows: list[str]) -> list[list[str]]:
-    from dmae_cli.smoothing.certify import COLUMNS
+    from dmae_cli.smoothing.runfile import COLUMNS
 
     skip = COLUMNS.index("time")
     return [[c for i, c in enumerate(row.split("\t")) if i != skip] for row in rows]
@@ -270,7 +270,7 @@ def certify_problems(tsv: Path, before: list[str], reference: list[str]) -> list
 
 def certify_acceptance(args: argparse.Namespace, work: Path) -> bool:
     from dmae_cli.config.recipe import sigma_name
-    from dmae_cli.smoothing.certify import Row
+    from dmae_cli.smoothing.runfile import Row
 
     model = find_model(args, work)
     straight, killed, logs = work / "straight", work / "killed", work / "logs"

@@ -333,8 +333,9 @@ def certify(
     takes those for abbreviations of its own options.
     """
     from dmae_cli.runtime import distributed
-    from dmae_cli.smoothing.certify import resolve_recipe, run_certify
+    from dmae_cli.smoothing.certify import run_certify
     from dmae_cli.smoothing.estimate import estimate_certify
+    from dmae_cli.smoothing.jobs import resolve_recipe
 
     path, sigmas = _recipe_and_sigmas(recipe, ctx.args, sigma or [])
     flags = {

@@ -16,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 
 from dmae_cli.config.recipe import Recipe, load_recipe
-from dmae_cli.report.run import ReportOptions, ReportResult, Summary, parse_radii
+from dmae_cli.report.run import ReportOptions, ReportResult, parse_radii
+from dmae_cli.report.tables import Summary
 from dmae_cli.runtime import ui
 from dmae_cli.runtime.errors import UserError
 

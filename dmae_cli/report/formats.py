@@ -11,7 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from dmae_cli.report.published import PublishedTable
-from dmae_cli.report.run import Point, Report, RunReport, Summary
+from dmae_cli.report.tables import Point, Report, RunReport, Summary
 from dmae_cli.runtime.errors import UserError
 
 FORMATS = ("table", "markdown", "latex", "csv", "json")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from dmae_cli.report.run import CertResults, Report
+from dmae_cli.report.inputs import CertResults
+from dmae_cli.report.tables import Report
 from dmae_cli.runtime.checkpoint import atomic_write
 from dmae_cli.runtime.errors import UserError
 

@@ -18,7 +18,8 @@ import torch
 from dmae_cli.api import Certifier
 from dmae_cli.config.recipe import CertifyConfig, Recipe, sigma_name
 from dmae_cli.runtime import distributed
-from dmae_cli.smoothing.certify import Job, check_header, finished, prepare
+from dmae_cli.smoothing.jobs import Job, prepare
+from dmae_cli.smoothing.runfile import check_header, finished
 from dmae_cli.smoothing.sampler import Sampler
 
 ESTIMATE_SECONDS = 3.0  # timed sampling per sigma, after the warm-up

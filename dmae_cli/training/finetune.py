@@ -27,13 +27,15 @@ from timm.optim import Lars, param_groups_layer_decay
 
 from dmae_cli.api import DatasetInfo
 from dmae_cli.config.recipe import FinetuneConfig, OptimConfig, Recipe, recipe_to_yaml, sigma_name
+from dmae_cli.data.loading import build_loader, load_dataset
+from dmae_cli.models.spec import model_meta
 from dmae_cli.models.vit import Classifier, build_classifier
 from dmae_cli.models.weights import load_encoder
 from dmae_cli.runtime import checkpoint, distributed, ui
+from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.precision import autocast_dtype
-from dmae_cli.training.pretrain import load_dataset, model_meta
-from dmae_cli.training.trainer import Trainer, build_loader, resolve_device
+from dmae_cli.training.trainer import Trainer
 
 BEST = "best.pth"
 # (lbd, eta) of PAPER.md §2 for the paper's sigmas; other sigmas use the rule of the nearest one

@@ -15,14 +15,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dmae_cli import __version__
 from dmae_cli.api import DatasetInfo
 from dmae_cli.config.recipe import Recipe, recipe_to_yaml
+from dmae_cli.data.loading import build_loader, load_dataset
+from dmae_cli.models.spec import model_meta
 from dmae_cli.models.vit import DMAE, InputAdapter, build_backbone
-from dmae_cli.plugins import registry
 from dmae_cli.runtime import checkpoint, distributed, ui
+from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
-from dmae_cli.training.trainer import Trainer, build_loader, resolve_device
+from dmae_cli.training.trainer import Trainer
 
 
 def add_noise(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -36,18 +37,6 @@ def dmae_loss(model: nn.Module, batch: Any, *, sigma: float, mask_ratio: float) 
     images = batch[0]
     loss, _, _ = model(add_noise(images, sigma), images, mask_ratio)
     return loss
-
-
-def load_dataset(recipe: Recipe, split: str, augment: bool) -> Any:
-    """A data set from the registry, configured by the recipe's `data` section."""
-    data = recipe.data
-    factory = registry.datasets.get(data.dataset)
-    dataset = factory(
-        split, root=data.root, image_size=data.image_size, augment=augment, **data.options
-    )
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise UserError(f"dataset '{data.dataset}' split '{split}' is empty (root: {data.root})")
-    return dataset
 
 
 def build_dmae(recipe: Recipe, info: DatasetInfo) -> DMAE:
@@ -68,26 +57,6 @@ def build_dmae(recipe: Recipe, info: DatasetInfo) -> DMAE:
         decoder_num_heads=p.decoder_num_heads,
         norm_pix_loss=p.norm_pix_loss,
     )
-
-
-def model_meta(recipe: Recipe, info: DatasetInfo) -> dict[str, Any]:
-    """What a checkpoint needs to describe its model without the recipe."""
-    m = recipe.model
-    return {
-        "dmae_version": __version__,
-        "backbone": m.backbone,
-        "backbone_options": dict(m.options),
-        "image_size": m.image_size,
-        "patch_size": m.patch_size,
-        "input_size": info.image_size,
-        "channels": info.channels,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "num_classes": info.num_classes,
-        "class_names": list(info.class_names),
-        "dataset": recipe.data.dataset,
-        "data_fingerprint": info.fingerprint,
-    }
 
 
 def load_pretrained_into(model: DMAE, path: str | Path) -> None:

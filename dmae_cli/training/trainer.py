@@ -17,7 +17,6 @@ per epoch `grad_norm`, `grad_norm_max`, `grad_spikes` and `grad_spike_updates` i
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -34,9 +33,10 @@ from rich.markup import escape
 from rich.progress import TextColumn
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader
 
-from dmae_cli.config.recipe import DataConfig, OptimConfig
+from dmae_cli.config.recipe import OptimConfig
+from dmae_cli.data.loading import set_epoch
 from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
@@ -131,18 +131,6 @@ class EpochLog:
         }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' requested but CUDA is not available")
-    return device
-
-
 def base_lr(cfg: OptimConfig) -> float:
     """The peak learning rate: `lr` if given, else the linear scaling rule blr * batch / 256."""
     if cfg.lr is not None:
@@ -152,68 +140,6 @@ def base_lr(cfg: OptimConfig) -> float:
 
 def effective_batch(cfg: OptimConfig) -> int:
     return cfg.batch_size * cfg.accum_iter * distributed.world_size()
-
-
-def build_loader(
-    dataset: Dataset, data: DataConfig, batch_size: int, seed: int, train: bool = True
-) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch); `set_epoch(loader, epoch)` sets it.
-
-    Map-style data goes through `DistributedSampler` on one process too (one replica), so the
-    single- and multi-process paths are one code path and a resumed epoch sees the same order.
-    An `IterableDataset` (webdataset shards) splits itself by node and worker; its `len` is the
-    number of samples this rank sees per epoch.
-    """
-    workers = dict(
-        num_workers=data.num_workers,
-        pin_memory=data.pin_memory,
-        persistent_workers=data.persistent_workers and data.num_workers > 0,
-    )
-    if isinstance(dataset, IterableDataset):
-        if hasattr(dataset, "set_batch_size"):  # whole batches per worker: every rank's len agrees
-            dataset.set_batch_size(batch_size)
-        return DataLoader(dataset, batch_size=batch_size, drop_last=train, **workers)
-    sampler = ResumableSampler(
-        dataset,
-        num_replicas=distributed.world_size(),
-        rank=distributed.rank(),
-        shuffle=train,
-        seed=seed,
-        drop_last=train,
-    )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=train,
-        generator=torch.Generator().manual_seed(seed),
-        **workers,
-    )
-
-
-class ResumableSampler(DistributedSampler):
-    """`DistributedSampler` that can start part-way through an epoch, after an interruption."""
-
-    skip = 0  # samples of this rank's epoch order already trained on
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return super().__len__() - self.skip
-
-
-def set_epoch(loader: DataLoader, epoch: int, skip: int = 0) -> None:
-    """Reseed the loader's shuffling (and its workers' seeds) for `epoch`, starting `skip`
-    samples into this rank's order, so a resumed epoch repeats an uninterrupted one exactly."""
-    if isinstance(loader.sampler, ResumableSampler):
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip = skip
-    elif hasattr(loader.dataset, "set_epoch"):  # an iterable data set orders and skips itself
-        extra = {"skip": skip} if skip else {}
-        loader.dataset.set_epoch(epoch, **extra)
-    if loader.generator is not None:
-        loader.generator.manual_seed(loader.generator.initial_seed() + epoch)
 
 
 @dataclass

@@ -1,0 +1,327 @@
+"""What a certification runs on: the recipe and models it finds, the examples it selects, the
+certifier and sampler it builds, and one `Job` per sigma tying them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dmae_cli import __version__
+from dmae_cli.api import Certifier, CertifyRequest, CountsFn, DatasetInfo
+from dmae_cli.config.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
+from dmae_cli.data.loading import load_dataset
+from dmae_cli.models.vit import load_classifier
+from dmae_cli.plugins import registry
+from dmae_cli.runtime import checkpoint, distributed, ui
+from dmae_cli.runtime.device import resolve_device
+from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.precision import autocast_dtype
+from dmae_cli.smoothing.interleave import certify_together
+from dmae_cli.smoothing.runfile import COLUMNS, FORMAT, Row
+from dmae_cli.smoothing.sampler import (
+    Sampler,
+    auto_batch_size,
+    auto_parallel,
+    example_generator,
+    is_auto_batch,
+)
+
+MODEL_FILES = ("best.pth", "last.pth")
+
+
+# -- what to certify with ------------------------------------------------------------------
+def select_indices(cfg: CertifyConfig, size: int, split: str) -> list[int]:
+    """start, start + interval, ... below end, at most max_examples of them."""
+    end = size if cfg.end is None else cfg.end
+    if cfg.start >= size or end > size:
+        raise UserError(
+            f"certify.start={cfg.start} / certify.end={cfg.end} outside the {split} split, "
+            f"which has {size} examples"
+        )
+    if end <= cfg.start:
+        raise UserError(f"certify.end={cfg.end} must be larger than certify.start={cfg.start}")
+    indices = list(range(cfg.start, end, cfg.interval))
+    return indices[: cfg.max_examples] if cfg.max_examples is not None else indices
+
+
+def build_certifier(cfg: CertifyConfig) -> Certifier:
+    """The certifier plugin named by the recipe, built with `certify.options`."""
+    entry = registry.certifiers.entry(cfg.certifier)
+    factory = registry.certifiers.get(cfg.certifier)
+    try:
+        certifier = factory(**cfg.options)
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"certifier '{cfg.certifier}' rejected its options {cfg.options}: {exc}"
+        ) from exc
+    if not isinstance(certifier, Certifier):
+        raise UserError(
+            f"certifier '{cfg.certifier}' from {entry.distribution} does not implement the "
+            f"Certifier contract (name, certify, predict) of dmae_cli.api"
+        )
+    return certifier
+
+
+def model_path(recipe: Recipe, sigma: float) -> Path:
+    """`certify.checkpoint`, else the run's fine-tuned model for `sigma` (best, else last)."""
+    if recipe.certify.checkpoint:
+        return Path(recipe.certify.checkpoint)
+    run = recipe.stage_dir("finetune") / sigma_name(sigma)
+    for name in MODEL_FILES:
+        if (run / name).is_file():
+            return run / name
+    raise UserError(
+        f"no fine-tuned model for sigma {sigma}: {run / MODEL_FILES[0]} not found; run "
+        f"'dmae finetune' for this recipe and sigma first, or pass --checkpoint"
+    )
+
+
+def latest_model(runs_dir: Path, sigma: float) -> Path:
+    """The most recently written fine-tuned model for `sigma` under `runs_dir` (any run)."""
+    found = []
+    for run in runs_dir.glob(f"*/finetune/{sigma_name(sigma)}"):
+        files = [run / name for name in MODEL_FILES if (run / name).is_file()]
+        if files:
+            found.append(files[0])
+    if not found:
+        raise UserError(
+            f"no fine-tuned model for sigma {sigma} under {runs_dir}/*/finetune/; give a "
+            f"recipe (dmae certify recipes/digits.yaml --sigma {sigma}) or --checkpoint"
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def resolve_recipe(path: Path | None, overrides: Sequence[str]) -> Recipe:
+    """The recipe `dmae certify` runs: the file given, or else that of the model it certifies.
+
+    Without a file, the model is `certify.checkpoint` or the latest fine-tuned one for the
+    first sigma under runs_dir, and the recipe is the `config.yaml` saved next to it (its run
+    directory pinned to where the model was found); a bare checkpoint gets the defaults with
+    the data set its meta names.
+    """
+    if path is not None:
+        return load_recipe(path, overrides)
+    base = load_recipe(None, overrides)
+    explicit = base.certify.checkpoint
+    model = Path(explicit) if explicit else latest_model(Path(base.runs_dir), base.certify.sigma[0])
+    # A found model lies at runs/<name>/finetune/sigma-<s>/: point the recipe there, so that
+    # every sigma's model and the output directory come from the same run.
+    found = [
+        f"runs_dir={json.dumps(str(model.parents[3]))}",
+        f"name={json.dumps(model.parents[2].name)}",
+    ]
+    pinned = [] if explicit else found
+    config = model.parent / "config.yaml"
+    if config.is_file():
+        recipe = load_recipe(config, [*pinned, *overrides])
+        refuse_untyped_sources(recipe, overrides, config)
+        return recipe
+    meta = checkpoint.load_checkpoint(model).get("meta") or {}
+    data = {"data.dataset": meta.get("dataset"), "data.image_size": meta.get("input_size")}
+    items = [f"{key}={json.dumps(value)}" for key, value in data.items() if value is not None]
+    return load_recipe(None, [*items, *pinned, *overrides])
+
+
+# A `pipe:` command or a URL (webdataset opens `http://...` through a shell command too).
+COMMAND_OR_URL = re.compile(r"pipe:|://", re.IGNORECASE)
+
+
+def refuse_untyped_sources(recipe: Recipe, overrides: Sequence[str], found: Path) -> None:
+    """A config.yaml found beside a checkpoint is a data file, perhaps a stranger's: it may
+    not make dmae run a command or open a URL. The user may, by typing the key in --set."""
+    typed = [item.split("=", 1)[0].strip() for item in overrides]
+    sources = {"data.root": recipe.data.root}
+    sources.update({f"data.options.{k}": v for k, v in recipe.data.options.items()})
+    for key, value in sources.items():
+        texts = value if isinstance(value, list) else [value]
+        if not any(isinstance(t, str) and COMMAND_OR_URL.search(t) for t in texts):
+            continue
+        if not any(key == t or key.startswith(t + ".") for t in typed):
+            raise UserError(
+                f"{found} (found beside the checkpoint) sets {key} to a command or URL; "
+                f"give a recipe, or set it yourself with --set {key}=..."
+            )
+
+
+def load_model(
+    path: Path, info: DatasetInfo, dataset: str, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The classifier at `path`, checked against the data it is about to certify."""
+    model, meta = load_classifier(path, device)
+    shape = (meta["channels"], meta["input_size"], meta["num_classes"])
+    if shape != (info.channels, info.image_size, info.num_classes):
+        raise UserError(
+            f"{path}: the model takes {shape[0]}x{shape[1]}x{shape[1]} images of {shape[2]} "
+            f"classes, but dataset '{dataset}' has {info.channels}x{info.image_size}x"
+            f"{info.image_size} images of {info.num_classes} classes"
+        )
+    if meta.get("dataset") not in (None, dataset):
+        ui.info(f"note: {path} was fine-tuned on '{meta['dataset']}', certifying on '{dataset}'")
+    return model, meta
+
+
+# -- the header -----------------------------------------------------------------------------
+def make_header(
+    recipe: Recipe,
+    sigma: float,
+    model: Path,
+    certifier: Certifier,
+    sampler: Sampler,
+    info: DatasetInfo,
+) -> dict[str, Any]:
+    """What the rows of one TSV depend on, written next to it as sigma-<s>.json."""
+    import numpy
+    import scipy
+    import timm
+
+    cfg = recipe.certify
+    entry = registry.certifiers.entry(cfg.certifier)
+    return {
+        "format": FORMAT,
+        "columns": list(COLUMNS),
+        "sigma": sigma,
+        "n0": cfg.n0,
+        "n": cfg.n,
+        "alpha": cfg.alpha,
+        "seed": recipe.seed,
+        "certifier": certifier.name,
+        "certifier_plugin": f"{entry.distribution} {entry.version} ({entry.target})",
+        "certifier_options": dict(cfg.options),
+        "radii": list(cfg.radii),
+        "skip_wrong": cfg.skip_wrong,
+        "checkpoint": str(model),
+        "checkpoint_sha256": checkpoint.file_sha256(model),
+        "dataset": recipe.data.dataset,
+        "split": cfg.split,
+        "data_fingerprint": info.fingerprint,
+        "batch_size": sampler.batch_size,  # resolved: `auto` is recorded as what it chose
+        "device": str(sampler.device),
+        "precision": sampler.precision,  # resolved: `auto` is recorded as bf16 or fp32
+        "compile": sampler.compiled,
+        "together": cfg.together,
+        "parallel": sampler.parallel,  # resolved: `auto` is recorded as what it chose
+        "versions": {
+            "dmae": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "scipy": scipy.__version__,
+            "numpy": numpy.__version__,
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def prepare(recipe: Recipe, out: Path | None) -> tuple[list[int], Path, Iterator[Job]]:
+    """The selected indices, the output directory and, lazily, one job per sigma.
+
+    Everything that can fail for all sigmas at once (certifier, device, data, selection, a
+    missing model) fails here, before any model is loaded; each job loads its model when
+    reached, so only one is in memory at a time.
+    """
+    cfg = recipe.certify
+    certifier = build_certifier(cfg)  # an unknown name fails before any model is loaded
+    device = resolve_device(recipe.device)
+    distributed.init_from_env(device)
+    dataset = load_dataset(recipe, cfg.split, augment=False)
+    indices = select_indices(cfg, len(dataset), cfg.split)
+    out_dir = Path(out) if out is not None else recipe.stage_dir("certify")
+    paths = {sigma: model_path(recipe, sigma) for sigma in cfg.sigma}  # all found, or none run
+
+    def jobs() -> Iterator[Job]:
+        for sigma, path in paths.items():
+            model, meta = load_model(path, dataset.info, recipe.data.dataset, device)
+            if meta.get("sigma") not in (None, sigma):
+                ui.info(
+                    f"note: {path} was fine-tuned at sigma {meta['sigma']}, certifying at {sigma}"
+                )
+            sampler = build_sampler(recipe, model, sigma, dataset.info, device)
+            if sampler.compiled:
+                compile_up_front(sampler, dataset[indices[0]][0])
+            header = make_header(recipe, sigma, path, certifier, sampler, dataset.info)
+            yield Job(recipe, sigma, sampler, certifier, dataset, header)
+
+    return indices, out_dir, jobs()
+
+
+def compile_up_front(sampler: Sampler, image: torch.Tensor) -> None:
+    """Compile before any file is written, so that a missing compiler is the only line shown.
+
+    The spinner is transient (gone once compiled, never printed off a terminal).
+    """
+    waiting = f"torch.compile: compiling the classifier for {sampler.device} (minutes)"
+    with ui.console.status(waiting) if distributed.is_main() else contextlib.nullcontext():
+        sampler.warm_up(image)
+    ui.info(f"torch.compile: compiled in {sampler.compile_seconds:.0f} s")
+
+
+def build_sampler(
+    recipe: Recipe, model: nn.Module, sigma: float, info: DatasetInfo, device: torch.device
+) -> Sampler:
+    """The sampler of `recipe.certify`, with `batch_size: auto` resolved for this device."""
+    cfg = recipe.certify
+    batch_size = cfg.batch_size
+    if is_auto_batch(batch_size):
+        shape = (info.channels, info.image_size, info.image_size)
+        dtype = autocast_dtype(recipe.precision, device)
+        batch_size = auto_batch_size(model, shape, device, dtype, max(cfg.n0, cfg.n))
+        ui.info(f"certify.batch_size auto: {batch_size} noisy copies per batch on {device}")
+    parallel = auto_parallel(device, cfg.compile) if cfg.parallel == "auto" else cfg.parallel
+    return Sampler(
+        model,
+        sigma=sigma,
+        num_classes=info.num_classes,
+        batch_size=batch_size,
+        device=device,
+        precision=recipe.precision,
+        compile=cfg.compile,
+        parallel=parallel,
+    )
+
+
+@dataclass
+class Job:
+    """Certifying one split at one sigma: what `certify_sigma` needs besides the indices."""
+
+    recipe: Recipe
+    sigma: float
+    sampler: Sampler
+    certifier: Certifier
+    dataset: Any
+    header: dict[str, Any]
+
+    def task(self, idx: int) -> tuple[torch.Tensor, torch.Generator, Callable[[CountsFn], Row]]:
+        """Example `idx`, its own noise generator, and its certification given `counts`."""
+        cfg = self.recipe.certify
+        image, label = self.dataset[idx]
+        label = int(label)
+        request = CertifyRequest(
+            self.sigma, cfg.alpha, cfg.n0, cfg.n, cfg.radii, label if cfg.skip_wrong else None
+        )
+        generator = example_generator(self.recipe.seed, idx, self.sampler.device)
+
+        def certify(counts: CountsFn) -> Row:
+            tick = time.perf_counter()
+            cert = self.certifier.certify(counts, request)
+            return Row.of(idx, label, cert, time.perf_counter() - tick, self.certifier.name)
+
+        return image, generator, certify
+
+    def rows(self, group: list[int]) -> list[Row]:
+        """Certify the examples of `group` side by side (see `dmae_cli.smoothing.interleave`)."""
+        if len(group) == 1:
+            image, generator, certify = self.task(group[0])
+            return [certify(self.sampler.counts(image, generator))]
+        return certify_together(self.sampler, [self.task(idx) for idx in group])

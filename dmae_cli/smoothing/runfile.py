@@ -1,0 +1,206 @@
+"""The certification run file: one TSV row per example plus a JSON header, written so that
+an interruption loses at most the examples in progress and a rerun resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmae_cli.api import Certificate
+from dmae_cli.runtime import checkpoint
+from dmae_cli.runtime.errors import UserError
+
+COLUMNS = (
+    "idx", "label", "predict", "radius", "correct", "time",
+    "count_top", "n", "n0", "certifier", "pa_lower", "stop",
+)  # fmt: skip
+
+
+FORMAT = "dmae-certify/1"
+
+
+# Header keys that change what a row means; a resumed file must agree on all of them. The
+# device changes which noise is drawn (another generator) and precision the arithmetic, not
+# the validity of a row; the batch size changes neither the noise nor the row (see
+# `NoiseStream`); the split is named by its fingerprint ("val" and "test" are one split).
+MATCHING = (
+    "format", "sigma", "n0", "n", "alpha", "seed", "certifier", "certifier_options",
+    "radii", "skip_wrong", "checkpoint_sha256", "dataset", "data_fingerprint",
+)  # fmt: skip
+
+
+# -- rows -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    """One certified example, as a line of the TSV."""
+
+    idx: int
+    label: int
+    predict: int
+    radius: float
+    correct: int
+    time: float
+    count_top: int
+    n: int
+    n0: int
+    certifier: str
+    pa_lower: float | None
+    stop: str
+
+    @classmethod
+    def of(cls, idx: int, label: int, cert: Certificate, seconds: float, name: str) -> Row:
+        pa_lower = cert.extra.get("pa_lower")
+        return cls(
+            idx, label, cert.prediction, float(cert.radius), int(cert.prediction == label),
+            seconds, cert.count_top, cert.n, cert.n0, name,
+            None if pa_lower is None else float(pa_lower), str(cert.extra.get("stop", "")),
+        )  # fmt: skip
+
+    def line(self) -> str:
+        # Floats as repr: exact, so `radius >= r` reads back as it was computed (Cohen's
+        # 3-digit rounding can lift 0.2499 to 0.25).
+        pa = "" if self.pa_lower is None else repr(self.pa_lower)
+        fields = (
+            self.idx, self.label, self.predict, repr(self.radius), self.correct,
+            f"{self.time:.3f}", self.count_top, self.n, self.n0, self.certifier, pa, self.stop,
+        )  # fmt: skip
+        return "\t".join(map(str, fields)) + "\n"
+
+    @classmethod
+    def parse(cls, line: str) -> Row:
+        f = line.rstrip("\n").split("\t")
+        if len(f) != len(COLUMNS):
+            raise ValueError(f"expected {len(COLUMNS)} fields, got {len(f)}")
+        return cls(
+            int(f[0]), int(f[1]), int(f[2]), float(f[3]), int(f[4]), float(f[5]),
+            int(f[6]), int(f[7]), int(f[8]), f[9], float(f[10]) if f[10] else None, f[11],
+        )  # fmt: skip
+
+
+HEADER_LINE = "\t".join(COLUMNS) + "\n"
+
+
+def read_lines(path: Path) -> dict[int, str]:
+    """The complete rows of a TSV by idx; a torn last line (a crash mid-write) is ignored."""
+    if not path.is_file():
+        return {}
+    *lines, _torn = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[0] + "\n" != HEADER_LINE:
+        raise UserError(f"{path}: not a dmae certification file (unexpected column header)")
+    rows: dict[int, str] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            rows.setdefault(Row.parse(line).idx, line + "\n")
+        except ValueError as exc:
+            raise UserError(f"{path}, line {number}: malformed row ({exc})") from None
+    return rows
+
+
+class RowFile:
+    """A row file open for appending that holds only whole rows, whatever happens.
+
+    Each row goes straight to the operating system in unbuffered writes (what `write` plus
+    `flush` did, with no buffer left to fail again at close). A write that fails, typically
+    on a full disk, is cut back off the file, so every row before it stays intact and
+    running the same command again resumes after it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("ab", buffering=0)
+
+    def __enter__(self) -> RowFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def append(self, line: str) -> None:
+        data = memoryview(line.encode("utf-8"))
+        end = self._file.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[self._write(data) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self._file.truncate(end)  # drop the torn row
+            raise UserError(
+                f"could not write to {self.path}: {exc.strerror or exc}; the rows written "
+                f"before are kept: free some space and run the same command again to resume"
+            ) from exc
+
+    def _write(self, data: memoryview) -> int:
+        written = self._file.write(data)
+        if not written:  # a regular file that takes no bytes would loop forever
+            raise OSError(errno.EIO, "the file system accepted no bytes")
+        return written
+
+
+def open_for_append(path: Path) -> RowFile:
+    """Open a row file for appending: drop a partial last line, write the column header."""
+    if path.is_file():
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            with path.open("r+b") as f:
+                f.truncate(keep)
+    fresh = not path.is_file() or path.stat().st_size == 0
+    rows = RowFile(path)
+    if fresh:
+        rows.append(HEADER_LINE)
+    return rows
+
+
+def part_path(tsv: Path, rank: int) -> Path:
+    return tsv if rank == 0 else tsv.with_name(f"{tsv.name}.part{rank}")
+
+
+def parts(tsv: Path) -> list[Path]:
+    return sorted(tsv.parent.glob(f"{tsv.name}.part*"))
+
+
+def merge(tsv: Path) -> dict[int, str]:
+    """Fold the part files into the TSV, sorted by idx, atomically; returns the rows."""
+    rows = read_lines(tsv)
+    for part in parts(tsv):
+        for idx, line in read_lines(part).items():
+            rows.setdefault(idx, line)
+    text = HEADER_LINE + "".join(rows[idx] for idx in sorted(rows))
+    checkpoint.atomic_write_text(tsv, text)
+    for part in parts(tsv):
+        part.unlink()
+    return rows
+
+
+def check_header(path: Path, tsv: Path, header: dict[str, Any]) -> None:
+    """Refuse to resume rows certified under other settings (every rank checks the same)."""
+    if not path.is_file():
+        if read_lines(tsv) or parts(tsv):
+            raise UserError(
+                f"{tsv} exists without its header {path.name}; delete it to start over, "
+                f"or write elsewhere with --out"
+            )
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable header ({exc})") from None
+    new = json.loads(json.dumps(header))  # compare as stored: tuples become lists
+    for key in MATCHING:
+        if old.get(key) != new[key]:
+            raise UserError(
+                f"{tsv} holds results for {key}={old.get(key)!r}, this run has "
+                f"{header[key]!r}; delete {tsv.name} and {path.name} to start over, or write "
+                f"elsewhere with --out"
+            )
+
+
+def finished(tsv: Path) -> set[int]:
+    """The indices already certified into `tsv` or one of its rank parts."""
+    return set(read_lines(tsv)).union(*(read_lines(p) for p in parts(tsv)))
