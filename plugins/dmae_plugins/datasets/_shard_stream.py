@@ -1,7 +1,8 @@
 """The `webdataset` plugin's stream: an `IterableDataset` of (image, label) read from tar shards.
 
-`webdataset.py` finds the shards, their manifest and metadata and builds the transform; this
-module decides who reads what, decodes and skips.
+`webdataset.py` finds the shards, their manifest and metadata; `_shard_transforms.py` builds
+the augmentation; `_shard_files.py` opens a shard and decodes a sample; this module decides who
+reads what, and skips what is bad.
 
 Distribution and length. The shards are shuffled per epoch (train split; the same permutation
 on every rank), then dealt to ranks (`wds.split_by_node`) and within a rank to DataLoader
@@ -43,7 +44,6 @@ first one raises one `UserError` line naming the shard instead, also from inside
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import re
@@ -51,22 +51,18 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset
 
 from dmae_cli.api import DatasetInfo
 from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._common import DataError, SkipCounter
+from dmae_plugins.datasets._shard_files import decode_image, decode_label, open_shard
 from dmae_plugins.datasets.imagefolder import DECODE_ERRORS
 
 NAME = "webdataset"  # the plugin, as messages name it
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "npy")
-LABEL_KEY = "cls"
 MAX_EMPTY_DRAWS = 20  # resampled mode: unreadable shards in a row before giving up
 MAX_FAILURES = 1000  # undecodable samples in a row before giving up
 # What reading a shard raises when it is missing, truncated or not a tar (a failing `pipe:`
@@ -85,28 +81,6 @@ class ShardError(DataError):
 class UnknownLength(UserError, TypeError):
     """`len()` of shards nobody counted. A TypeError too, so that `list(dataset)` (which asks
     for a length hint) still iterates, while `len(loader)` ends in one line, not a traceback."""
-
-
-# -- decoding ------------------------------------------------------------------------------------
-def decode_image(sample: dict[str, Any], channels: int) -> Image.Image | torch.Tensor:
-    """The sample's image: a PIL image in the right mode, or a float tensor from npy."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise KeyError(f"no image member ({', '.join(IMAGE_KEYS)})")
-    if key == "npy":
-        array = np.load(io.BytesIO(sample[key]), allow_pickle=False)
-        if array.ndim != 3 or array.shape[0] != channels or array.dtype.kind != "f":
-            raise ValueError(f"npy image of shape {array.shape} {array.dtype}, not float (C,H,W)")
-        return torch.from_numpy(array.astype(np.float32, copy=False)).clamp_(0.0, 1.0)
-    with Image.open(io.BytesIO(sample[key])) as image:
-        return image.convert("L" if channels == 1 else "RGB")  # convert() decodes fully here
-
-
-def decode_label(sample: dict[str, Any], num_classes: int) -> int:
-    label = int(sample[LABEL_KEY].decode("ascii").strip())
-    if not 0 <= label < num_classes:
-        raise ValueError(f"label {label} outside 0..{num_classes - 1}")
-    return label
 
 
 # -- planning: who reads what --------------------------------------------------------------------
@@ -401,27 +375,6 @@ class ShardStream(IterableDataset):
             raise ShardError(f"dataset '{NAME}': {message}")
         self._skips.add()
         log.warning("skipping: %s", message)
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith(("pipe:", "file:"))
-
-
-def local_path(url: str) -> Path | None:
-    """The file behind a local path or `file:` URL; None for anything streamed."""
-    if url.startswith("file:"):
-        return Path(url[len("file:") :].removeprefix("//"))
-    return Path(url).expanduser() if is_local(url) else None
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """A local shard (a path or `file:` URL, which is all a manifest can name) opened as a
-    plain file; only a source the user typed (`pipe:`, `http://`...) goes through webdataset's
-    URL opener."""
-    from webdataset import gopen
-
-    path = local_path(url)
-    return path.open("rb") if path is not None else gopen(url, "rb")
 
 
 def _reason(exc: BaseException) -> str:

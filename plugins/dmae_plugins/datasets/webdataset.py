@@ -29,7 +29,8 @@ resumed epoch, repeats exactly; `shuffle` is the size of the sample buffer (defa
 the train split, 0 for test). Only `<key>.cls` and one image member (png, jpg/jpeg, webp, npy)
 are read, never unpickled. A corrupt sample or a bad shard is skipped with a warning and
 counted in `dataset.skipped`; with `strict: true` the first one raises one `UserError` line
-naming the shard instead. The details are the stream's, in `_shard_stream.py`.
+naming the shard instead. The details are the stream's, in `_shard_stream.py`; the
+augmentation's code is in `_shard_transforms.py`.
 
 Augmentation. Images become float (C, H, W) in [0, 1]. `augmentation: imagenet` is
 imagefolder's RandomResizedCrop(scale 0.2-1, bicubic) + flip for training and, for evaluation,
@@ -50,10 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-from torchvision.transforms.v2 import functional as TF
-
 from dmae_cli.api import DatasetInfo
 from dmae_cli.data.manifest import MANIFEST_SUFFIX, listed_shard
 from dmae_cli.runtime.errors import UserError
@@ -62,16 +59,12 @@ from dmae_plugins.datasets._common import (
     check_options,
     fingerprint,
     normalize_split,
-    random_hflip,
-    random_translate,
-    resize,
 )
-from dmae_plugins.datasets._shard_stream import NAME, ShardStream, StreamConfig, local_path
-from dmae_plugins.datasets.imagefolder import build_transform
+from dmae_plugins.datasets._shard_files import local_path
+from dmae_plugins.datasets._shard_stream import NAME, ShardStream, StreamConfig
+from dmae_plugins.datasets._shard_transforms import make_transform
 
 DEFAULT_SHUFFLE = 1000
-IMAGENET_STYLE_FROM = 96  # delivered sides from here up get RandomResizedCrop augmentation
-AUGMENTATIONS = ("auto", "imagenet", "light", "none")
 OPTIONS: dict[str, type] = {
     "urls": str,
     "urls_train": str,
@@ -292,70 +285,6 @@ def build_info(meta: dict[str, Any], split: str, image_size: int, source: Any) -
         class_names=names,
         fingerprint=fingerprint(NAME, split, image_size, source),
     )
-
-
-# -- augmentation ------------------------------------------------------------------------------
-def to_float(image: Image.Image) -> torch.Tensor:
-    """A PIL image as float (C, H, W) in [0, 1], converted as imagefolder converts its files."""
-    return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
-
-
-def image_side(image: Image.Image | torch.Tensor) -> tuple[int, int]:
-    if isinstance(image, torch.Tensor):
-        return int(image.shape[-2]), int(image.shape[-1])
-    return image.height, image.width
-
-
-class ImagenetTransform:
-    """imagefolder's transforms; evaluation leaves an image of the delivered size as it is
-    (`dmae shard` stored imagefolder's centre crop already: cropping it again would zoom)."""
-
-    def __init__(self, image_size: int, augment: bool) -> None:
-        self.image_size = image_size
-        self.augment = augment
-        self.pipeline = build_transform(image_size, augment)
-
-    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        if not self.augment and image_side(image) == (size, size):
-            out = image if isinstance(image, torch.Tensor) else to_float(image)
-        else:
-            out = self.pipeline(image).as_subclass(torch.Tensor)
-        return out.clamp_(0.0, 1.0)  # bicubic on float (npy) input overshoots
-
-
-@dataclass(frozen=True)
-class LightTransform:
-    """digits / CIFAR-10 style: translate (+ flip) at the stored size, then resize if needed."""
-
-    image_size: int
-    augment: bool
-    max_shift: int | None  # None: an eighth of the stored side, at least 1
-    hflip: bool
-
-    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
-        out = image if isinstance(image, torch.Tensor) else to_float(image)
-        if self.augment:
-            shift = max(1, out.shape[-1] // 8) if self.max_shift is None else self.max_shift
-            out = random_translate(out, shift)
-            if self.hflip:
-                out = random_hflip(out)
-        return resize(out, self.image_size)
-
-
-def make_transform(opts: dict[str, Any], image_size: int, augment: bool, channels: int) -> Any:
-    style = opts.get("augmentation", "auto")
-    if style not in AUGMENTATIONS:
-        raise UserError(
-            f"dataset '{NAME}': option augmentation must be one of {', '.join(AUGMENTATIONS)}, "
-            f"got {style!r}"
-        )
-    if style == "auto":
-        style = "imagenet" if image_size >= IMAGENET_STYLE_FROM else "light"
-    if style == "imagenet":
-        return ImagenetTransform(image_size, augment)
-    hflip = opts.get("hflip", channels == 3)  # glyphs (1 channel) are not mirror-symmetric
-    return LightTransform(image_size, augment and style == "light", opts.get("max_shift"), hflip)
 
 
 # -- the factory --------------------------------------------------------------------------------
