@@ -27,13 +27,8 @@ from torchvision.transforms.v2 import functional as TF
 from typer.testing import CliRunner
 
 from dmae_cli.cli.app import app
-from dmae_cli.data.shard import (
-    ShardConfig,
-    parse_size,
-    quantize,
-    run_shard,
-    sample_order,
-)
+from dmae_cli.data.shard import ShardConfig, parse_size, run_shard, sample_order
+from dmae_cli.data.shard_writer import quantize
 from dmae_cli.plugins import registry
 from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._shard_stream import ShardError, ShardStream, apportion
