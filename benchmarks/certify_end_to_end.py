@@ -5,10 +5,10 @@ the same sigma, n0, n, alpha and seed, on the same device with the same batch si
 is timed from loading the model and the data to its last row.
 
 Ours: `dmae_cli.smoothing.certify.run_certify`, the function behind `dmae certify`, with
-`--certifier`
-(default `sequential`, the sample-efficient certifier: it stops drawing once the report radii
-are settled or out of reach) and `--precision` (`auto`: whatever `dmae certify` picks here;
-the header it writes records the resolved precision and batch size, printed below).
+`--certifier` (default `sequential`, the sample-efficient certifier: it stops drawing once the
+report radii are settled or out of reach) and `--precision` (`auto`: whatever `dmae certify`
+picks here; the header it writes records the resolved precision and batch size, printed
+below).
 
 Naive: written like the official `certify.py` + `core.py` of Cohen et al. (2019): fp32; a fresh
 Python loop per image; `_sample_noise` with `x.repeat(this_batch, 1, 1, 1)`, `* sigma` noise,

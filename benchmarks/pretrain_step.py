@@ -1,11 +1,11 @@
 """Pre-training step throughput: our training loop against a naive one, same model, same data.
 
-Ours: `dmae_cli.training.trainer.Trainer` built as `dmae pretrain` builds it (`build_loader`, the
-DMAE loss,
-AdamW on `param_groups_weight_decay`, the recipe's precision): timm's fused SDPA attention, on
-CUDA bf16 autocast and fused AdamW, one host sync per `log_every` updates, the progress bar and
-the per-epoch bookkeeping. Its figure is the Trainer's own `images_per_s` for the epoch (the
-checkpoint written after each epoch is not timed).
+Ours: `dmae_cli.training.trainer.Trainer` built as `dmae pretrain` builds it
+(`build_loader`, the DMAE loss, AdamW on `param_groups_weight_decay`, the recipe's
+precision): timm's fused SDPA attention, on CUDA bf16 autocast and fused AdamW, one host sync
+per `log_every` updates, the progress bar and the per-epoch bookkeeping. Its figure is the
+Trainer's own `images_per_s` for the epoch (the checkpoint written after each epoch is not
+timed).
 
 Naive: the same DMAE, written like the official MAE/DMAE `engine_pretrain.py` with the speed-ups
 removed: fp32, timm attention unfused, for-loop AdamW (`foreach=False`) on the same parameter
