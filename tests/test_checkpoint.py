@@ -149,3 +149,91 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tiny_recipe, one_torch_thread:
     run_pretrain(tiny_recipe("pretrain.epochs=2"))
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+# -- hostile checkpoints: recognised by what they hold, never by torch's wording ----------------
+class CallsOut:
+    """Unpickling this object calls `function(*args)`."""
+
+    def __init__(self, function: object, *args: object) -> None:
+        self.call = (function, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+def hostile_payloads(marker: Path) -> dict[str, object]:
+    import builtins
+    import os
+    import posix
+
+    return {
+        "os.system": CallsOut(os.system, f"touch {marker}"),
+        "posix.system": CallsOut(posix.system, f"touch {marker}"),
+        "builtins.eval": CallsOut(builtins.eval, f"open({str(marker)!r}, 'w')"),
+        "Path.touch": CreatesAFile(marker),
+    }
+
+
+@pytest.mark.parametrize("payload", ["os.system", "posix.system", "builtins.eval", "Path.touch"])
+def test_every_hostile_global_is_refused_without_advice_to_unsafe_loading(
+    tmp_path: Path, payload: str
+) -> None:
+    marker = tmp_path / "pwned"
+    evil = {"model": {"w": torch.zeros(1)}, "payload": hostile_payloads(marker)[payload]}
+    torch.save(evil, tmp_path / "evil.pth")
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(tmp_path / "evil.pth")
+    message = str(caught.value)
+    assert "refused to load" in message and "could run code" in message
+    assert "weights_only" not in message and "will likely succeed" not in message
+    assert len(message.splitlines()) == 1 and not marker.exists()
+
+
+def test_damaged_files_never_quote_the_advice_to_load_unsafely(tmp_path: Path) -> None:
+    import pickle
+
+    (tmp_path / "legacy.pth").write_bytes(pickle.dumps({"w": [1, 2, 3]}, protocol=4))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    for name in ("legacy.pth", "junk.pth"):
+        with pytest.raises(UserError, match="not a readable checkpoint") as caught:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(caught.value) and "likely succeed" not in str(caught.value)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's zip writer turns the OSError of a full disk into a RuntimeError."""
+    import errno
+    import os
+
+    save_checkpoint(tmp_path / "last.pth", {"model": {"w": torch.ones(2)}})
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, raw) -> None:
+            self.raw, self.written = raw, 0
+
+        def write(self, data) -> int:
+            self.written += len(data)
+            if self.written > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.raw.write(data)
+
+        def __getattr__(self, name: str):
+            return getattr(self.raw, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.raw.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    big = {"model": {"w": torch.randn(10_000)}}
+    with pytest.raises(UserError, match=r"could not write .*last.pth: No space left on device"):
+        save_checkpoint(tmp_path / "last.pth", big)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]  # no temporary left
+    assert torch.equal(load_checkpoint(tmp_path / "last.pth")["model"]["w"], torch.ones(2))

@@ -10,8 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import random
+import re
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,19 +30,41 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    f = _RecordsWriteErrors(os.fdopen(fd, "wb"))
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        with f.raw:
+            write(f)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise UserError(f"could not write {path}: {exc.strerror or exc}") from exc
+        # torch's zip writer reports a failed write (a full disk) as a RuntimeError of its own:
+        # the OSError the file raised underneath is what the user needs to hear.
+        cause = exc if isinstance(exc, OSError) else f.error
+        if cause is not None:
+            raise UserError(f"could not write {path}: {cause.strerror or cause}") from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class _RecordsWriteErrors:
+    """A file whose failed writes are remembered, for callers that wrap the OSError away."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def remove_stale_temporaries(directory: str | Path) -> None:
@@ -91,26 +116,42 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         except Exception as exc:
             raise UserError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # an old-style pickle: the one line below says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        # torch words every weights-only failure alike; a disallowed global is the hostile case.
-        if "Unsupported global" in str(exc):
-            raise UserError(
-                f"{path}: refused to load: the file contains objects other than tensors and plain "
-                f"data (a pickle that could run code); only weights are accepted"
-            ) from exc
-        raise UserError(
-            f"{path}: not a readable checkpoint: cut short, damaged or not a PyTorch file "
-            f"({_load_failure(path, exc)})"
-        ) from exc
+        raise UserError(f"{path}: {_load_failure(path, exc)}") from exc
     if not isinstance(state, dict):
         raise UserError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     return state
 
 
 def _load_failure(path: Path, exc: Exception) -> str:
-    """What torch.load's error says, in a few words. Its own first line can be advice to load
-    with weights_only=False, which is exactly what must not be done with a stranger's file."""
+    """Why torch.load refused the file, in a few words. Never torch's own first line: it advises
+    loading with weights_only=False, which is exactly what must not be done with this file."""
+    unsafe = _unsafe_globals(path, exc)
+    if unsafe:
+        return (
+            f"refused to load: the file contains objects other than tensors and plain data "
+            f"({', '.join(unsafe[:3])}): a pickle that could run code; only weights are accepted"
+        )
+    reason = _reason(path, exc)
+    return f"not a readable checkpoint: cut short, damaged or not a PyTorch file ({reason})"
+
+
+def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
+    """The functions and classes a refused pickle would have called, read from its opcodes
+    (nothing is run); for a file torch cannot scan, those its error message names."""
+    if not isinstance(exc, pickle.UnpicklingError):
+        return []
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    try:
+        return list(scan(path)) if scan is not None else []
+    except Exception:  # not a zip checkpoint (an old-style pickle): fall back on the message
+        return re.findall(r"\bGLOBAL ([\w.]+)", str(exc), flags=re.IGNORECASE)
+
+
+def _reason(path: Path, exc: Exception) -> str:
     text = str(exc)
     if path.stat().st_size == 0:
         return "the file is empty"
@@ -120,7 +161,9 @@ def _load_failure(path: Path, exc: Exception) -> str:
     if isinstance(exc, OSError) or "zip archive" in text:
         return "its zip archive is incomplete or damaged"
     first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if not first or "weights_only" in first:
+        return "not a pickle of weights"
+    return f"{type(exc).__name__}: {first}"
 
 
 # -- fitting weights to a model ------------------------------------------------------------------
