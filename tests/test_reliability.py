@@ -308,3 +308,18 @@ def test_the_acceptance_tool_explains_itself() -> None:
     assert shown.returncode == 0, shown.stderr
     assert "python tools/kill_resume.py pretrain --kills 5" in shown.stdout
     assert "python tools/kill_resume.py certify --kills 5" in shown.stdout
+
+
+def test_the_documented_certify_kills_fit_the_default_examples() -> None:
+    """README: `python tools/kill_resume.py certify --kills 5` must have a group to kill in for
+    every kill, whatever the recipe's certify.together (digits packs 32 examples per group)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kill_resume", REPO / "tools" / "kill_resume.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tool  # its dataclasses look themselves up there
+    spec.loader.exec_module(tool)
+    args = tool.parse_args(["certify", "--kills", "5"])
+    groups = -(-args.max_examples // args.together)
+    assert args.kills <= groups - 1

@@ -274,7 +274,10 @@ def certify_acceptance(args: argparse.Namespace, work: Path) -> bool:
 
     model = find_model(args, work)
     straight, killed, logs = work / "straight", work / "killed", work / "logs"
-    sets = [x for item in args.set for x in ("--set", item)]
+    # Groups of --together examples are appended at once: small groups give the kills many
+    # moments between appends, whatever the recipe packs for speed. A --set still wins.
+    overrides = [f"certify.together={args.together}", *args.set]
+    sets = [x for item in overrides for x in ("--set", item)]
     recipe = [str(args.recipe)] if args.recipe_given else []  # else the model's config.yaml
 
     def command(out: Path) -> list[str]:
@@ -369,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     certify.add_argument("--sigma", type=float, default=0.5)
     certify.add_argument("--n", type=int, default=1000, help="estimation samples per example")
     certify.add_argument("--max-examples", type=int, default=120, help="(120: 15 groups of 8)")
+    certify.add_argument(
+        "--together", type=int, default=8, help="examples certified side by side (8)"
+    )
     certify.add_argument("--certify-seed", type=int, default=0, help="seed of the noise")
     args = parser.parse_args(argv)
     # The runs go from the repository root: make every path the user gave absolute first.
