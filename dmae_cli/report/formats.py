@@ -1,5 +1,5 @@
 """The report's formats: a `Report` as rich terminal tables, markdown, LaTeX, CSV or JSON,
-optionally beside the published rows of PAPER.md §4 (the comparison rows)."""
+optionally beside the published rows of the DMAE paper (the comparison rows)."""
 
 from __future__ import annotations
 

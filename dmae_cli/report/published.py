@@ -1,4 +1,5 @@
-"""Published certified accuracies (PAPER.md §4), shipped as package data with their sources.
+"""Published certified accuracies (the DMAE paper's comparison tables), shipped as package data
+with their sources.
 
 The numbers live in `dmae_cli/report/published.yaml` so that they can be read, cited and
 corrected without touching code; this module only loads and looks them up.

@@ -1,4 +1,4 @@
-"""ViT backbones with the shapes of PAPER.md §1, built on timm's `VisionTransformer`.
+"""ViT backbones with the DMAE paper's shapes, built on timm's `VisionTransformer`.
 
 Each factory returns a headless encoder (`num_classes=0`) that DMAE wraps for pre-training and
 the classifier reuses for fine-tuning. `img_size`, `patch_size` and `in_chans` follow the data;

@@ -1,4 +1,4 @@
-"""The certifier of the paper: Cohen, Rosenfeld & Kolter (ICML 2019), PAPER.md §3."""
+"""The certifier of the paper: Cohen, Rosenfeld & Kolter (ICML 2019, arXiv:1902.02918)."""
 
 from __future__ import annotations
 
