@@ -10,14 +10,10 @@ import torch
 from dmae_cli.config.recipe import DataConfig, OptimConfig
 from dmae_cli.data.loading import build_loader
 from dmae_cli.runtime.checkpoint import load_checkpoint
+from dmae_cli.training.health import SpikeDetector, TrainingDiverged
+from dmae_cli.training.optim import base_lr, fused_adamw
 from dmae_cli.training.pretrain import run_pretrain
-from dmae_cli.training.trainer import (
-    SpikeDetector,
-    Trainer,
-    TrainingDiverged,
-    base_lr,
-    fused_adamw,
-)
+from dmae_cli.training.trainer import Trainer
 
 
 def lr_curve(cfg: OptimConfig, n_items: int = 40) -> list[float]:
