@@ -41,7 +41,13 @@ EvalFn = Callable[[nn.Module], dict[str, float]]
 
 @dataclass
 class Trainer:
-    model: nn.Module
+    """Trains `model` on `loader` by `loss_fn` as `cfg` says, into `run_dir`.
+
+    `resume()` picks up a run from its `last.pth`; `fit()` trains the remaining epochs and
+    returns one record per epoch trained (what metrics.jsonl gets).
+    """
+
+    model: nn.Module  # possibly DDP-wrapped
     loss_fn: LossFn
     loader: DataLoader
     cfg: OptimConfig
@@ -78,22 +84,22 @@ class Trainer:
         self.partial: Position | None = None  # where an interrupted epoch stopped
         self.history: list[dict[str, Any]] = []
         self.checkpointer = Checkpointer(
-            self.run_dir,
-            self.model,
-            self.optimizer,
-            self.checkpoint_meta,
-            self.cfg.epochs,
-            self.cfg.save_every,
-            self.device,
+            run_dir=self.run_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            meta=self.checkpoint_meta,
+            epochs=self.cfg.epochs,
+            save_every=self.cfg.save_every,
+            device=self.device,
         )
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
         self.health = HealthCheck(
-            self.cfg,
-            self.lr,
-            self.updates_per_epoch,
-            self.checkpointer.last,
-            self.section,
-            SpikeDetector(factor=self.spike_factor),
+            cfg=self.cfg,
+            peak_lr=self.lr,
+            updates_per_epoch=self.updates_per_epoch,
+            last=self.checkpointer.last,
+            section=self.section,
+            spikes=SpikeDetector(factor=self.spike_factor),
         )
 
     def resume(self, path: Path | None = None) -> bool:
@@ -125,11 +131,7 @@ class Trainer:
         with bar, GracefulStop() as stop:
             for epoch in range(self.start_epoch, end):
                 stats = self._train_epoch(epoch, bar, stop)
-                if self.eval_fn is not None and (
-                    (epoch + 1) % self.eval_every == 0 or epoch + 1 == end
-                ):
-                    self.model.eval()
-                    stats |= self.eval_fn(unwrap(self.model))
+                stats |= self._evaluate(epoch, end)
                 self._finish_epoch(epoch, stats)
         return self.history
 
@@ -207,12 +209,21 @@ class Trainer:
             signum,
         )
 
+    def _evaluate(self, epoch: int, end: int) -> dict[str, float]:
+        """The stage's evaluation every `eval_every` epochs and after this run's last one."""
+        if self.eval_fn is None or ((epoch + 1) % self.eval_every and epoch + 1 != end):
+            return {}
+        self.model.eval()
+        return self.eval_fn(unwrap(self.model))
+
     def _skipped_since(self, before: int) -> int:
         """Samples the data set skipped this epoch, over all ranks."""
         skipped = torch.tensor(float(self.loader.dataset.skipped - before), device=self.device)
         return int(distributed.all_reduce_mean(skipped) * distributed.world_size())
 
     def _finish_epoch(self, epoch: int, stats: dict[str, Any]) -> None:
+        """Record the epoch and write its files: checkpoints, best.pth (the stage's
+        `on_checkpoint`) and its metrics line; `last.pth`, which marks it done, last."""
         record = {"epoch": epoch, "update": (epoch + 1) * self.updates_per_epoch, **stats}
         self.history.append(record)
 
