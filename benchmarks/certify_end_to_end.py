@@ -63,7 +63,7 @@ from scipy.stats import beta, norm
 
 from dmae_cli.config.recipe import Recipe, load_recipe, sigma_name
 from dmae_cli.data.loading import load_dataset
-from dmae_cli.models.vit import load_classifier
+from dmae_cli.models.classifier import load_classifier
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.smoothing.certify import run_certify
 from dmae_cli.smoothing.jobs import model_path, select_indices
@@ -125,9 +125,9 @@ def naive(
 ) -> Outcome:
     device = torch.device(args.device)
     start = time.perf_counter()
-    model, meta = load_classifier(model_file, device)
+    model, spec = load_classifier(model_file, device)
     dataset = load_dataset(recipe, recipe.certify.split, augment=False)
-    num_classes = int(meta["num_classes"])
+    num_classes = spec.num_classes
     torch.manual_seed(recipe.seed)
     rows = []
     out.mkdir(parents=True, exist_ok=True)

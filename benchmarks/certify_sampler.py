@@ -36,7 +36,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -54,7 +53,8 @@ from _common import (
     vit_forward_flops,
 )
 
-from dmae_cli.models.vit import build_classifier
+from dmae_cli.models.classifier import build_classifier
+from dmae_cli.models.spec import ModelSpec
 from dmae_cli.smoothing.sampler import Sampler, auto_parallel, example_generator
 
 SIGMA = 0.5
@@ -63,18 +63,18 @@ Run = Callable[[int], None]  # run(n): n noisy forward passes for every image
 
 def build(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
-    meta: dict[str, Any] = {
-        "backbone": args.model,
-        "image_size": args.img_size,
-        "patch_size": args.patch_size,
-        "input_size": args.img_size,
-        "channels": args.channels,
-        "mean": [0.5] * args.channels,
-        "std": [0.25] * args.channels,
-        "num_classes": args.num_classes,
-        "sigma": SIGMA,
-    }
-    return build_classifier(meta).to(args.device).eval()
+    spec = ModelSpec(
+        backbone=args.model,
+        image_size=args.img_size,
+        patch_size=args.patch_size,
+        input_size=args.img_size,
+        channels=args.channels,
+        mean=(0.5,) * args.channels,
+        std=(0.25,) * args.channels,
+        num_classes=args.num_classes,
+        sigma=SIGMA,
+    )
+    return build_classifier(spec).to(args.device).eval()
 
 
 def images(args: argparse.Namespace) -> torch.Tensor:

@@ -59,7 +59,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from dmae_cli.config.recipe import DataConfig, PretrainConfig
 from dmae_cli.data.loading import build_loader
-from dmae_cli.models.vit import DMAE, InputAdapter, build_backbone
+from dmae_cli.models.adapter import InputAdapter
+from dmae_cli.models.backbone import build_backbone
+from dmae_cli.models.dmae import DMAE
 from dmae_cli.runtime.precision import autocast_dtype
 from dmae_cli.training.pretrain import dmae_loss
 from dmae_cli.training.trainer import Trainer

@@ -89,7 +89,7 @@ def save_classifier(
     **state: object,
 ) -> Path:
     """A tiny digits classifier saved as `dmae finetune` saves one (plus `state` entries)."""
-    from dmae_cli.models.vit import build_classifier
+    from dmae_cli.models.classifier import build_classifier
     from dmae_cli.runtime import checkpoint
 
     meta = tiny_classifier_meta(width, num_classes, sigma)

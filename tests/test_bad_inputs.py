@@ -51,7 +51,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dmae_cli.cli.app import app
-from dmae_cli.models.vit import DMAE, InputAdapter, build_backbone, build_classifier
+from dmae_cli.models.adapter import InputAdapter
+from dmae_cli.models.backbone import build_backbone
+from dmae_cli.models.classifier import build_classifier
+from dmae_cli.models.dmae import DMAE
 from dmae_cli.runtime import checkpoint
 from tests.conftest import (
     TINY_OVERRIDES,

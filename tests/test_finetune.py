@@ -17,13 +17,10 @@ from typer.testing import CliRunner
 
 from dmae_cli.cli.app import app
 from dmae_cli.config.recipe import FinetuneConfig
-from dmae_cli.models.vit import (
-    DMAE,
-    InputAdapter,
-    build_backbone,
-    build_classifier,
-    load_classifier,
-)
+from dmae_cli.models.adapter import InputAdapter
+from dmae_cli.models.backbone import build_backbone
+from dmae_cli.models.classifier import build_classifier, load_classifier
+from dmae_cli.models.dmae import DMAE
 from dmae_cli.models.weights import load_encoder, resize_pos_embed
 from dmae_cli.runtime import checkpoint
 from dmae_cli.runtime.errors import UserError
@@ -286,9 +283,9 @@ def test_short_finetune_improves_accuracy_writes_and_resumes(tiny_recipe) -> Non
     assert run.run_dir == recipe.stage_dir("finetune") / "sigma-0.25"
     for name in ("best.pth", "last.pth", "config.yaml", "metrics.jsonl"):
         assert (run.run_dir / name).is_file()
-    model, meta_ = load_classifier(run.run_dir / "best.pth")
-    assert meta_["sigma"] == 0.25 and meta_["stage"] == "finetune" and meta_["init"] == "random"
-    assert meta_["data_fingerprint"] and meta_["test_fingerprint"]
+    model, spec = load_classifier(run.run_dir / "best.pth")
+    assert spec.sigma == 0.25 and spec.stage == "finetune" and spec.init == "random"
+    assert spec.data_fingerprint and spec.test_fingerprint
     assert not model.training
     # The certify engineer's contract: build from meta, load the weights, nothing else.
     state = checkpoint.load_checkpoint(run.run_dir / "best.pth")
@@ -314,8 +311,8 @@ def test_linear_probe_trains_only_the_head(tiny_recipe, tmp_path: Path) -> None:
     with pytest.warns(ConfigIgnoredWarning, match="finetune.mixup ignored in linear probing"):
         (run,) = run_finetune(recipe)
     assert run.run_dir == recipe.stage_dir("linprobe") / "sigma-0.5"
-    model, meta_ = load_classifier(run.run_dir / "best.pth")
-    assert meta_["global_pool"] == "token" and meta_["head_batchnorm"]
+    model, spec = load_classifier(run.run_dir / "best.pth")
+    assert spec.global_pool == "token" and spec.head_batchnorm
     assert isinstance(model.vit.head[0], torch.nn.BatchNorm1d) and not model.vit.head[0].affine
     # The frozen encoder is exactly the checkpoint's.
     official = dmae.official_state_dict()

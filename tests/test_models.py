@@ -1,18 +1,24 @@
 from __future__ import annotations
 
+from io import BytesIO
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dmae_cli.models.vit import (
-    DMAE,
-    InputAdapter,
-    build_backbone,
-    patchify,
-    random_masking,
-    unpatchify,
-)
+from dmae_cli import __version__
+from dmae_cli.api import DatasetInfo
+from dmae_cli.models.adapter import InputAdapter
+from dmae_cli.models.backbone import build_backbone
+from dmae_cli.models.classifier import build_classifier, load_classifier
+from dmae_cli.models.dmae import DMAE, patchify, random_masking, unpatchify
+from dmae_cli.models.spec import CLASSIFIER_FIELDS, SPEC_VERSION, ModelSpec
+from dmae_cli.models.weights import filter_state_dict
+from dmae_cli.runtime import checkpoint
+from dmae_cli.runtime.errors import UserError
 from dmae_cli.training.pretrain import dmae_loss
+from tests.conftest import save_classifier, tiny_classifier_meta
 
 
 def tiny_dmae(input_size: int = 8, model_size: int = 16, norm_pix_loss: bool = False) -> DMAE:
@@ -146,3 +152,164 @@ def test_official_layout_keys() -> None:
     }
     assert expected <= keys
     assert not any(k.startswith(("encoder.", "adapter.")) for k in keys)
+
+
+# -- the model's self-description ---------------------------------------------------------------
+def digits_info() -> DatasetInfo:
+    names = tuple(str(c) for c in range(10))
+    return DatasetInfo(10, 16, 1, (0.3,), (0.4,), names, "train-hash")
+
+
+def test_spec_of_a_finetune_run_is_the_meta_it_always_was(tiny_recipe) -> None:
+    recipe = tiny_recipe()
+    test_info = DatasetInfo(10, 16, 1, (0.3,), (0.4,), fingerprint="test-hash")
+    spec = ModelSpec.for_finetune(recipe, digits_info(), test_info, 0.5, init="random")
+    meta = spec.to_dict()
+    assert meta == {
+        "spec_version": SPEC_VERSION,
+        "dmae_version": __version__,
+        "stage": "finetune",
+        "backbone": recipe.model.backbone,
+        "backbone_options": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+        "image_size": recipe.model.image_size,
+        "patch_size": recipe.model.patch_size,
+        "input_size": 16,
+        "channels": 1,
+        "mean": [0.3],
+        "std": [0.4],
+        "num_classes": 10,
+        "class_names": [str(c) for c in range(10)],
+        "dataset": "digits",
+        "data_fingerprint": "train-hash",
+        "sigma": 0.5,
+        "global_pool": "avg",
+        "head_batchnorm": False,
+        "linear_probe": False,
+        "test_fingerprint": "test-hash",
+        "init": "random",
+    }
+    assert ModelSpec.from_dict(meta) == spec
+    torch.save({"meta": meta}, io := BytesIO())  # plain data: loadable with weights_only
+    io.seek(0)
+    assert torch.load(io, weights_only=True)["meta"] == meta
+
+
+def test_spec_of_a_pretrain_run_round_trips(tiny_recipe) -> None:
+    recipe = tiny_recipe()
+    spec = ModelSpec.for_pretrain(recipe, digits_info())
+    meta = spec.to_dict()
+    assert meta["stage"] == "pretrain" and meta["norm_pix_loss"] is recipe.pretrain.norm_pix_loss
+    assert meta["decoder"] == {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    assert "sigma" not in meta and "global_pool" not in meta
+    assert ModelSpec.from_dict(meta) == spec
+
+
+def test_a_meta_without_a_version_reads_as_version_0() -> None:
+    spec = ModelSpec.from_dict(tiny_classifier_meta())
+    assert spec.spec_version == 0 and spec.channels == 1 and spec.mean == (spec.mean[0],)
+    assert spec.backbone_options == {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("backbone", 7),
+        ("backbone", ""),
+        ("backbone_options", 5),
+        ("backbone_options", {"embed_dim": 10**9}),
+        ("backbone_options", {"act_layer": object()}),
+        ("image_size", 65536),
+        ("image_size", "16"),
+        ("image_size", True),
+        ("image_size", 16.0),
+        ("patch_size", 0),
+        ("patch_size", 32),  # larger than the 16-pixel image
+        ("input_size", -1),
+        ("channels", 0),
+        ("channels", 10**6),
+        ("mean", "abc"),
+        ("mean", [0.1, 0.2, 0.3]),  # three values for one channel
+        ("mean", [float("nan")]),
+        ("std", [0.0]),
+        ("std", [-0.4]),
+        ("num_classes", 0),
+        ("num_classes", 10**9),
+        ("class_names", "0123456789"),
+        ("dataset", 3),
+        ("sigma", -0.5),
+        ("sigma", "0.5"),
+        ("global_pool", "bogus"),
+        ("head_batchnorm", "yes"),
+        ("decoder", {"embed_dim": 32}),
+        ("stage", ["finetune"]),
+        ("spec_version", "1"),
+    ],
+)
+def test_a_bad_meta_field_is_one_line_naming_it(field: str, value: object) -> None:
+    with pytest.raises(UserError) as info:
+        ModelSpec.from_dict({**tiny_classifier_meta(), field: value}, "x.pth")
+    message = str(info.value)
+    assert message.startswith(f"x.pth: checkpoint field meta.{field}: expected ")
+    assert "\n" not in message
+
+
+def test_a_meta_of_a_newer_dmae_is_refused() -> None:
+    meta = {**tiny_classifier_meta(), "spec_version": SPEC_VERSION + 1}
+    with pytest.raises(UserError, match="meta.spec_version: expected .*newer dmae"):
+        ModelSpec.from_dict(meta, "x.pth")
+
+
+def test_a_meta_lacking_fields_names_them() -> None:
+    meta = {k: v for k, v in tiny_classifier_meta().items() if k not in ("mean", "sigma")}
+    with pytest.raises(UserError, match="x.pth: checkpoint lacks mean in its meta"):
+        ModelSpec.from_dict(meta, "x.pth")
+    with pytest.raises(UserError, match="x.pth: classifier checkpoint lacks mean, sigma"):
+        ModelSpec.from_dict(meta, "x.pth", require=CLASSIFIER_FIELDS, what="classifier checkpoint")
+
+
+def test_load_classifier_checks_the_meta_before_building(tmp_path: Path) -> None:
+    path = save_classifier(tmp_path / "c.pth")
+    state = checkpoint.load_checkpoint(path)
+    state["meta"]["image_size"] = 65536
+    checkpoint.save_checkpoint(path, state)
+    with pytest.raises(UserError, match="c.pth: checkpoint field meta.image_size"):
+        load_classifier(path)
+
+
+def test_a_classifier_without_a_version_loads(tmp_path: Path) -> None:
+    path = save_classifier(tmp_path / "c.pth")
+    assert "spec_version" not in checkpoint.load_checkpoint(path)["meta"]
+    model, spec = load_classifier(path)
+    assert spec.sigma == 0.5 and spec.num_classes == 10 and not model.training
+
+
+# -- one path for every layout ----------------------------------------------------------------
+def test_filter_keeps_a_classifier_checkpoint_as_it_is(tmp_path: Path) -> None:
+    path = save_classifier(tmp_path / "c.pth")
+    state = checkpoint.load_checkpoint(path)
+    model = build_classifier(tiny_classifier_meta())
+    weights = filter_state_dict(state, model, "c.pth").weights
+    assert list(weights) == list(state["model"])
+    assert all(weights[k] is state["model"][k] for k in weights)
+
+
+def test_filter_for_a_dmae_reads_ours_and_the_official_layout_alike() -> None:
+    source = tiny_dmae()
+    target = tiny_dmae()
+    ours = filter_state_dict({"model": source.state_dict()}, target, "ours").weights
+    official = filter_state_dict({"model": source.official_state_dict()}, target, "off").weights
+    ddp = {f"module.{k}": v for k, v in source.official_state_dict().items()}
+    wrapped = filter_state_dict({"state_dict": ddp}, target, "ddp").weights
+    assert ours.keys() == official.keys() == wrapped.keys()
+    assert "encoder.blocks.0.attn.qkv.weight" in ours and "decoder_embed.weight" in ours
+    # Computed by the model, never transplanted: position embeddings and the data's statistics.
+    assert not any(k.endswith("pos_embed") or k.startswith("adapter.") for k in ours)
+
+
+def test_filter_for_a_vit_resamples_and_skips_the_decoder() -> None:
+    big = tiny_dmae(model_size=32)  # an 8x8 patch grid
+    vit = tiny_dmae(model_size=16).encoder  # a 4x4 one
+    out = filter_state_dict({"model": big.official_state_dict()}, vit, "big")
+    assert out.resampled == ((8, 8), (4, 4)) and out.skipped_decoder > 0
+    assert out.weights["pos_embed"].shape == vit.pos_embed.shape
+    assert not any(k.startswith(("decoder", "mask_token")) for k in out.weights)

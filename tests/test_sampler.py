@@ -13,7 +13,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dmae_cli.models.vit import build_classifier
+from dmae_cli.models.classifier import build_classifier
 from dmae_cli.runtime import precision as precision_module
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.precision import autocast_dtype, cpu_has_native_bf16

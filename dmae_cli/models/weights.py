@@ -1,18 +1,34 @@
-"""Encoder weights into a classifier: from our runs, official DMAE/MAE files, timm and safetensors.
+"""Checkpoint weights into a model, whatever layout they come in: one path, `filter_state_dict`.
 
-Every source is first brought to the key layout of a timm `VisionTransformer` (PAPER.md §5):
-our DMAE checkpoints keep the encoder under `encoder.`, our classifiers under `vit.`, the
-official pre-training files and timm state dicts use the timm names directly. Decoder tensors
-(`decoder_*`, `mask_token`) are dropped: fine-tuning keeps only the encoder. Position embeddings
-are resampled when the patch grid differs; a head of another class count is dropped and trained
-anew, as MAE does. Anything that cannot fit the model (another width, depth, patch size or
-number of channels) is one `UserError` line.
+The layouts read:
+  - dmae's own checkpoints: a DMAE keeps its ViT encoder under `encoder.` and the decoder at the
+    top level under MAE's names; a fine-tuned `Classifier` keeps its ViT under `vit.` and the
+    input adapter's buffers under `adapter.`;
+  - official DMAE/MAE pre-training checkpoints, `{'model': state_dict, ...}`: the encoder under
+    timm's `VisionTransformer` names, the decoder as `decoder_*` and `mask_token`;
+  - official fine-tuned classifiers and timm state dicts: timm's names (`fc_norm.*`, `head.*`);
+  - `.safetensors` files of any of these (`checkpoint.load_checkpoint` reads them).
+Wrappers (`{'model': sd}`, `{'state_dict': sd}`, `{'module': sd}`) and a DDP `module.` prefix
+are removed first; entries that are not tensors are ignored.
+
+`filter_state_dict(state, model)` brings a checkpoint to `model`'s own layout, as timm's
+`checkpoint_filter_fn` does for timm's models. The model is recognised by its own keys:
+  - a bare timm ViT (a classifier's `vit`, initialised for fine-tuning) takes the encoder of any
+    layout: decoder tensors are skipped, position embeddings are resampled (bicubic) when the
+    patch grid differs, and a head of another class count is dropped and trained anew, as MAE
+    does;
+  - a DMAE (pre-training from a checkpoint) takes its own layout and the official one, without
+    what it computes itself: the fixed sin-cos position embeddings and the adapter's statistics;
+  - a `Classifier` (certifying) takes its own layout as it is: it must fit exactly.
+The loaders then check the fit: anything that cannot fit the model (another width, depth, patch
+size or number of channels) is one `UserError` line.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +45,118 @@ HEAD_KEYS = ("head.weight", "head.bias")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
+# -- one path from any layout to the model's -------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """How one kind of model reads checkpoints."""
+
+    prefix: str  # where the model keeps its timm ViT's keys
+    reads: tuple[str, ...]  # the prefixes of dmae checkpoints whose ViT it takes
+    initialise: bool  # a bare ViT: decoder and other tensors skipped, pos_embed and head fitted
+    recompute: bool  # leave out what the model computes: position embeddings, adapter buffers
+
+
+VIT = Target("", ("encoder.", "vit."), initialise=True, recompute=False)
+DMAE_TARGET = Target("encoder.", ("encoder.",), initialise=False, recompute=True)
+CLASSIFIER_TARGET = Target("vit.", ("vit.",), initialise=False, recompute=False)
+
+
+def target_of(model: nn.Module) -> Target:
+    """A DMAE, a `Classifier` or a bare timm ViT, by the model's own keys."""
+    keys = list(model.state_dict())
+    for target in (DMAE_TARGET, CLASSIFIER_TARGET):
+        if any(k.startswith(target.prefix) for k in keys):
+            return target
+    return VIT
+
+
+@dataclass
+class Filtered:
+    """A checkpoint's tensors in a model's layout, and what was changed on the way."""
+
+    weights: dict[str, torch.Tensor]
+    skipped_decoder: int = 0
+    dropped_head: bool = False
+    resampled: tuple[tuple[int, int], tuple[int, int]] | None = None  # old grid, new grid
+
+
+def unwrap(state: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors: under 'model', 'state_dict' or 'module', or the dict itself,
+    without a DDP `module.` prefix."""
+    if "model" in state and not isinstance(state["model"], dict):
+        raise UserError(f"{source}: not a DMAE/MAE checkpoint (its 'model' is not a state dict)")
+    for key in ("model", "state_dict", "module"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def roles(
+    weights: Mapping[str, torch.Tensor], reads: Iterable[str]
+) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(role, name, tensor) in the checkpoint's order; role is "encoder" (name in timm's ViT
+    layout), "decoder" (MAE's names) or "other" (e.g. the adapter of a dmae model)."""
+    prefix = next((p for p in reads if any(k.startswith(p) for k in weights)), "")
+    for key, value in weights.items():
+        if prefix and key.startswith(prefix):
+            name = key.removeprefix(prefix)
+            yield ("decoder" if name.startswith(DECODER_PREFIXES) else "encoder"), name, value
+        elif key.startswith(DECODER_PREFIXES):
+            yield "decoder", key, value
+        else:
+            yield ("other" if prefix else "encoder"), key, value
+
+
+def filter_state_dict(state: Mapping[str, Any], model: nn.Module, source: str) -> Filtered:
+    """The tensors of checkpoint `state` in `model`'s layout (see the module's description)."""
+    target = target_of(model)
+    placed = list(roles(unwrap(state, source), target.reads))
+    if target.initialise:
+        encoder = {name: value for role, name, value in placed if role == "encoder"}
+        out = Filtered(encoder, skipped_decoder=sum(role == "decoder" for role, _, _ in placed))
+        _fit_pos_embed(out, model, source)
+        _fit_head(out, model)
+        return out
+    weights = {
+        (target.prefix + name if role == "encoder" else name): value for role, name, value in placed
+    }
+    if target.recompute:
+        weights = {k: v for k, v in weights.items() if not _recomputed(k)}
+    return Filtered(weights)
+
+
+def _recomputed(key: str) -> bool:
+    """Position embeddings are fixed functions of the patch grid, the adapter's buffers those of
+    the data: recomputed by the model, never transplanted."""
+    return key.endswith("pos_embed") or key.startswith("adapter.")
+
+
+def _fit_pos_embed(out: Filtered, vit: nn.Module, source: str) -> None:
+    own = vit.state_dict()
+    pos = out.weights.get("pos_embed")
+    if pos is None or "pos_embed" not in own or pos.shape == own["pos_embed"].shape:
+        return
+    prefix = int(getattr(vit, "num_prefix_tokens", 1))
+    grid = tuple(vit.patch_embed.grid_size)
+    try:
+        out.weights["pos_embed"] = resize_pos_embed(pos, grid, prefix)
+    except ValueError as exc:
+        raise UserError(f"{source}: cannot use its pos_embed: {exc}") from exc
+    old = math.isqrt(pos.shape[1] - prefix)
+    out.resampled = ((old, old), grid)
+
+
+def _fit_head(out: Filtered, vit: nn.Module) -> None:
+    own = vit.state_dict()
+    heads = [k for k in HEAD_KEYS if k in out.weights and k in own]
+    if any(out.weights[k].shape != own[k].shape for k in heads):
+        for k in heads:
+            del out.weights[k]
+        out.dropped_head = True
+
+
+# -- initialising a ViT encoder ---------------------------------------------------------------
 @dataclass
 class LoadReport:
     """What `load_encoder` did, for the log line and for tests."""
@@ -54,30 +182,6 @@ class LoadReport:
         if self.unexpected:
             parts.append(f"unexpected (ignored): {', '.join(self.unexpected)}")
         return "; ".join(parts)
-
-
-def vit_state_dict(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
-    """A checkpoint's weights in timm ViT layout, and how many decoder tensors were dropped.
-
-    Accepts `{'model': sd}` (ours, official), `{'state_dict': sd}`, `{'module': sd}` or a bare
-    state dict, with or without a DDP `module.` prefix.
-    """
-    for key in ("model", "state_dict", "module"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    weights = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
-    for prefix in ("encoder.", "vit."):  # our DMAE and our Classifier
-        if any(k.startswith(prefix) for k in weights):
-            weights = {
-                k.removeprefix(prefix): v
-                for k, v in weights.items()
-                if k.startswith(prefix) or k.startswith(DECODER_PREFIXES)
-            }
-    decoder = [k for k in weights if k.startswith(DECODER_PREFIXES)]
-    for k in decoder:
-        del weights[k]
-    return weights, len(decoder)
 
 
 def resize_pos_embed(
@@ -133,26 +237,19 @@ def _check_fits(weights: dict[str, torch.Tensor], vit: nn.Module, source: str) -
         )
 
 
+# -- the loaders -----------------------------------------------------------------------------
 def load_encoder(vit: nn.Module, path: str | Path) -> LoadReport:
-    """Initialise a timm ViT (a `Classifier.vit`) from the checkpoint at `path`; logs a summary."""
+    """Initialise a bare timm ViT (a `Classifier.vit`) from the checkpoint at `path`; logs a
+    summary."""
     source = str(path)
-    weights, skipped = vit_state_dict(checkpoint.load_checkpoint(path))
-    report = LoadReport(loaded=0, skipped_decoder=skipped)
-    own = vit.state_dict()
-    pos = weights.get("pos_embed")
-    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
-        prefix = int(getattr(vit, "num_prefix_tokens", 1))
-        try:
-            weights["pos_embed"] = resize_pos_embed(pos, tuple(vit.patch_embed.grid_size), prefix)
-        except ValueError as exc:
-            raise UserError(f"{source}: cannot use its pos_embed: {exc}") from exc
-        old = math.isqrt(pos.shape[1] - prefix)
-        report.resampled = ((old, old), tuple(vit.patch_embed.grid_size))
-    heads = [k for k in HEAD_KEYS if k in weights and k in own]
-    if any(weights[k].shape != own[k].shape for k in heads):
-        for k in heads:
-            del weights[k]
-        report.dropped_head = True
+    filtered = filter_state_dict(checkpoint.load_checkpoint(path), vit, source)
+    weights = filtered.weights
+    report = LoadReport(
+        loaded=0,
+        skipped_decoder=filtered.skipped_decoder,
+        dropped_head=filtered.dropped_head,
+        resampled=filtered.resampled,
+    )
     _check_fits(weights, vit, source)
     result = vit.load_state_dict(weights, strict=False)
     report.loaded = len(weights) - len(result.unexpected_keys)
@@ -168,3 +265,27 @@ def load_encoder(vit: nn.Module, path: str | Path) -> LoadReport:
         nn.init.zeros_(head.bias)
     ui.info(report.summary(source))
     return report
+
+
+def load_pretrained_into(model: nn.Module, path: str | Path) -> None:
+    """Start a DMAE from a DMAE/MAE pre-training checkpoint (ours or the official layout)."""
+    weights = filter_state_dict(checkpoint.load_checkpoint(path), model, str(path)).weights
+    own = model.state_dict()
+    reshaped = {k: v for k, v in weights.items() if k in own and own[k].shape != v.shape}
+    if reshaped:
+        raise UserError(
+            f"{path}: checkpoint does not match the recipe's model "
+            f"({checkpoint.state_mismatch(own, reshaped, partial=True)})"
+        )
+    result = model.load_state_dict(weights, strict=False)
+    if len(weights) == len(result.unexpected_keys):
+        raise UserError(
+            f"{path}: no tensor of the checkpoint matches the DMAE model; pretrain.init takes a "
+            f"DMAE/MAE pre-training checkpoint (ours or the official layout)"
+        )
+    missing = [k for k in result.missing_keys if not _recomputed(k)]
+    ui.info(
+        f"loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}"
+        + (f"; missing: {', '.join(missing)}" if missing else "")
+        + (f"; unexpected: {', '.join(result.unexpected_keys)}" if result.unexpected_keys else "")
+    )

@@ -22,7 +22,8 @@ from dmae_cli import __version__
 from dmae_cli.api import Certifier, CertifyRequest, CountsFn, DatasetInfo
 from dmae_cli.config.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
 from dmae_cli.data.loading import load_dataset
-from dmae_cli.models.vit import load_classifier
+from dmae_cli.models.classifier import load_classifier
+from dmae_cli.models.spec import ModelSpec, recorded
 from dmae_cli.plugins import registry
 from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.device import resolve_device
@@ -128,8 +129,11 @@ def resolve_recipe(path: Path | None, overrides: Sequence[str]) -> Recipe:
         recipe = load_recipe(config, [*pinned, *overrides])
         refuse_untyped_sources(recipe, overrides, config)
         return recipe
-    meta = checkpoint.load_checkpoint(model).get("meta") or {}
-    data = {"data.dataset": meta.get("dataset"), "data.image_size": meta.get("input_size")}
+    meta = checkpoint.load_checkpoint(model).get("meta")
+    data = {
+        "data.dataset": recorded(meta, "dataset"),
+        "data.image_size": recorded(meta, "input_size"),
+    }
     items = [f"{key}={json.dumps(value)}" for key, value in data.items() if value is not None]
     return load_recipe(None, [*items, *pinned, *overrides])
 
@@ -157,19 +161,19 @@ def refuse_untyped_sources(recipe: Recipe, overrides: Sequence[str], found: Path
 
 def load_model(
     path: Path, info: DatasetInfo, dataset: str, device: torch.device
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, ModelSpec]:
     """The classifier at `path`, checked against the data it is about to certify."""
-    model, meta = load_classifier(path, device)
-    shape = (meta["channels"], meta["input_size"], meta["num_classes"])
+    model, spec = load_classifier(path, device)
+    shape = (spec.channels, spec.input_size, spec.num_classes)
     if shape != (info.channels, info.image_size, info.num_classes):
         raise UserError(
             f"{path}: the model takes {shape[0]}x{shape[1]}x{shape[1]} images of {shape[2]} "
             f"classes, but dataset '{dataset}' has {info.channels}x{info.image_size}x"
             f"{info.image_size} images of {info.num_classes} classes"
         )
-    if meta.get("dataset") not in (None, dataset):
-        ui.info(f"note: {path} was fine-tuned on '{meta['dataset']}', certifying on '{dataset}'")
-    return model, meta
+    if spec.dataset not in (None, dataset):
+        ui.info(f"note: {path} was fine-tuned on '{spec.dataset}', certifying on '{dataset}'")
+    return model, spec
 
 
 # -- the header -----------------------------------------------------------------------------
@@ -242,11 +246,9 @@ def prepare(recipe: Recipe, out: Path | None) -> tuple[list[int], Path, Iterator
 
     def jobs() -> Iterator[Job]:
         for sigma, path in paths.items():
-            model, meta = load_model(path, dataset.info, recipe.data.dataset, device)
-            if meta.get("sigma") not in (None, sigma):
-                ui.info(
-                    f"note: {path} was fine-tuned at sigma {meta['sigma']}, certifying at {sigma}"
-                )
+            model, spec = load_model(path, dataset.info, recipe.data.dataset, device)
+            if spec.sigma not in (None, sigma):
+                ui.info(f"note: {path} was fine-tuned at sigma {spec.sigma}, certifying at {sigma}")
             sampler = build_sampler(recipe, model, sigma, dataset.info, device)
             if sampler.compiled:
                 compile_up_front(sampler, dataset[indices[0]][0])

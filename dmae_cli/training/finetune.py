@@ -28,8 +28,8 @@ from timm.optim import Lars, param_groups_layer_decay
 from dmae_cli.api import DatasetInfo
 from dmae_cli.config.recipe import FinetuneConfig, OptimConfig, Recipe, recipe_to_yaml, sigma_name
 from dmae_cli.data.loading import build_loader, load_dataset
-from dmae_cli.models.spec import model_meta
-from dmae_cli.models.vit import Classifier, build_classifier
+from dmae_cli.models.classifier import Classifier, build_classifier
+from dmae_cli.models.spec import ModelSpec
 from dmae_cli.models.weights import load_encoder
 from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.device import resolve_device
@@ -317,7 +317,7 @@ class BestKeeper:
 
     model: nn.Module
     run_dir: Path
-    meta: dict[str, Any]
+    spec: ModelSpec
     epochs: int
     best: dict[str, Any] | None = None
 
@@ -332,30 +332,20 @@ class BestKeeper:
         record = {"epoch": epoch, "acc_clean": stats["acc_clean"], "acc_noisy": stats["acc_noisy"]}
         if self.best is None or record["acc_noisy"] >= self.best["acc_noisy"]:
             self.best = record
-            state = {"model": self.model.state_dict(), "meta": self.meta, "epoch": epoch}
+            state = {"model": self.model.state_dict(), "meta": self.spec.to_dict(), "epoch": epoch}
             checkpoint.save_checkpoint(self.run_dir / BEST, {**state, "metrics": record})
         ui.info(
-            f"{sigma_name(self.meta['sigma'])} epoch {epoch + 1}/{self.epochs}: "
+            f"{sigma_name(self.spec.sigma)} epoch {epoch + 1}/{self.epochs}: "
             f"clean {record['acc_clean']:.1%}, noisy {record['acc_noisy']:.1%} "
             f"(best {self.best['acc_noisy']:.1%} at epoch {self.best['epoch'] + 1})"
         )
 
 
-def classifier_meta(
+def classifier_spec(
     recipe: Recipe, info: DatasetInfo, test_info: DatasetInfo, sigma: float
-) -> dict[str, Any]:
+) -> ModelSpec:
     """The self-description `load_classifier` / `dmae certify --checkpoint` need."""
-    probe = recipe.finetune.linear_probe
-    return {
-        **model_meta(recipe, info),
-        "stage": "finetune",
-        "sigma": float(sigma),
-        "global_pool": "token" if probe else "avg",
-        "head_batchnorm": probe,
-        "linear_probe": probe,
-        "test_fingerprint": test_info.fingerprint,
-        "init": init_label(recipe),
-    }
+    return ModelSpec.for_finetune(recipe, info, test_info, sigma, init=init_label(recipe))
 
 
 def finetune_sigma(
@@ -374,8 +364,8 @@ def finetune_sigma(
     train_set, test_set = data
     info: DatasetInfo = train_set.info
     torch.manual_seed(recipe.seed + distributed.rank())  # same init whatever the sigma order
-    meta = classifier_meta(recipe, info, test_set.info, sigma)
-    model = build_classifier(meta, drop_path=0.0 if probe else cfg.drop_path)
+    spec = classifier_spec(recipe, info, test_set.info, sigma)
+    model = build_classifier(spec, drop_path=0.0 if probe else cfg.drop_path)
     resuming = (run_dir / "last.pth").is_file()
     if not resuming:
         if init is None:
@@ -388,7 +378,7 @@ def finetune_sigma(
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(recipe))
-    keeper = BestKeeper(model, run_dir, meta, optim.epochs)
+    keeper = BestKeeper(model, run_dir, spec, optim.epochs)
     amp = autocast_dtype(recipe.precision, device, training=True)
     test_loader = build_loader(test_set, recipe.data, optim.batch_size, recipe.seed, train=False)
     objective = build_objective(cfg, sigma, info.num_classes)
@@ -408,7 +398,7 @@ def finetune_sigma(
             m, test_loader, sigma, seed=recipe.seed, copies=cfg.eval_noise_copies, amp_dtype=amp
         ),
         eval_every=cfg.eval_every,
-        checkpoint_meta=meta,
+        checkpoint_meta=spec.to_dict(),
         on_checkpoint=keeper,
         description=f"{'linprobe' if probe else 'finetune'} {sigma_name(sigma)}",
         section="finetune.probe" if probe else "finetune",

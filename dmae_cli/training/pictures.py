@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import torch
 
-from dmae_cli.models.vit import DMAE, patchify, unpatchify
+from dmae_cli.models.dmae import DMAE, patchify, unpatchify
 from dmae_cli.runtime.checkpoint import atomic_write
 
 

@@ -18,9 +18,12 @@ import torch.nn as nn
 from dmae_cli.api import DatasetInfo
 from dmae_cli.config.recipe import Recipe, recipe_to_yaml
 from dmae_cli.data.loading import build_loader, load_dataset
-from dmae_cli.models.spec import model_meta
-from dmae_cli.models.vit import DMAE, InputAdapter, build_backbone
-from dmae_cli.runtime import checkpoint, distributed, ui
+from dmae_cli.models.adapter import InputAdapter
+from dmae_cli.models.backbone import build_backbone
+from dmae_cli.models.dmae import DMAE
+from dmae_cli.models.spec import ModelSpec
+from dmae_cli.models.weights import load_pretrained_into
+from dmae_cli.runtime import checkpoint, distributed
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.training.trainer import Trainer
@@ -56,49 +59,6 @@ def build_dmae(recipe: Recipe, info: DatasetInfo) -> DMAE:
         decoder_depth=p.decoder_depth,
         decoder_num_heads=p.decoder_num_heads,
         norm_pix_loss=p.norm_pix_loss,
-    )
-
-
-def load_pretrained_into(model: DMAE, path: str | Path) -> None:
-    """Start from a DMAE/MAE checkpoint (ours or the official layout, PAPER.md §5)."""
-    state = checkpoint.load_checkpoint(path)
-    weights = state.get("model", state)
-    if not isinstance(weights, dict):
-        raise UserError(f"{path}: not a DMAE/MAE checkpoint (its 'model' is not a state dict)")
-    weights = {k: v for k, v in weights.items() if torch.is_tensor(v)}
-    if not any(k.startswith("encoder.") for k in weights):
-        weights = {
-            k if k.startswith(("decoder", "mask_token")) else f"encoder.{k}": v
-            for k, v in weights.items()
-        }
-    own = model.state_dict()
-    # Position embeddings are fixed functions of the patch grid: recomputed, never transplanted.
-    weights = {
-        k: v
-        for k, v in weights.items()
-        if not k.endswith("pos_embed") and not k.startswith("adapter.")
-    }
-    reshaped = {k: v for k, v in weights.items() if k in own and own[k].shape != v.shape}
-    if reshaped:
-        raise UserError(
-            f"{path}: checkpoint does not match the recipe's model "
-            f"({checkpoint.state_mismatch(own, reshaped, partial=True)})"
-        )
-    result = model.load_state_dict(weights, strict=False)
-    if len(weights) == len(result.unexpected_keys):
-        raise UserError(
-            f"{path}: no tensor of the checkpoint matches the DMAE model; pretrain.init takes a "
-            f"DMAE/MAE pre-training checkpoint (ours or the official layout)"
-        )
-    missing = [
-        k
-        for k in result.missing_keys
-        if not k.endswith("pos_embed") and not k.startswith("adapter.")
-    ]
-    ui.info(
-        f"loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}"
-        + (f"; missing: {', '.join(missing)}" if missing else "")
-        + (f"; unexpected: {', '.join(result.unexpected_keys)}" if result.unexpected_keys else "")
     )
 
 
@@ -138,16 +98,7 @@ def run_pretrain(
         run_dir=run_dir,
         device=device,
         precision=recipe.precision,
-        checkpoint_meta={
-            "stage": "pretrain",
-            **model_meta(recipe, info),
-            "decoder": {
-                "embed_dim": p.decoder_embed_dim,
-                "depth": p.decoder_depth,
-                "num_heads": p.decoder_num_heads,
-            },
-            "norm_pix_loss": p.norm_pix_loss,
-        },
+        checkpoint_meta=ModelSpec.for_pretrain(recipe, info).to_dict(),
         description="pretrain",
         section="pretrain",
     )

@@ -1,65 +1,25 @@
-"""Models: the input adapter, the DMAE encoder-decoder, and the helpers they share.
+"""The denoising masked autoencoder (DMAE) that pre-training trains.
 
-Images reach every model as float tensors in [0, 1] pixel space at the data set's native
-resolution. `InputAdapter` is the first layer of every model: it resizes (only when the model's
-input size differs) and normalises, so noise added by the caller is always pixel-space noise and
-a certified radius is a pixel-space radius (PAPER.md §1-3).
-
-The DMAE module keeps the encoder (a timm `VisionTransformer`) as `encoder` and the decoder
-parts at the top level under MAE's names; `official_state_dict` / `load_official_state_dict`
-translate to and from the layout of the official checkpoints (PAPER.md §5).
+DMAE corrupts each image with Gaussian noise in [0, 1] pixel space, masks a random share of its
+patches, encodes the visible noisy patches with a ViT and reconstructs the *clean* image from
+them; unlike MAE, the loss covers every patch, visible or masked. The encoder (a timm
+`VisionTransformer`) is kept as `encoder` and the decoder parts at the top level under MAE's
+names; `official_state_dict` gives the weights in the layout of the official DMAE/MAE
+checkpoints (the encoder's keys without the `encoder.` prefix). Here too are the helpers it is
+made of: patchify/unpatchify, per-sample random masking and the fixed 2-D sin-cos position
+embeddings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
-from dmae_cli.plugins import registry
-
-
-class InputAdapter(nn.Module):
-    """[0, 1] pixels at native size -> bicubic resize to the model's size -> mean/std normalise."""
-
-    def __init__(
-        self, input_size: int, model_size: int, mean: Sequence[float], std: Sequence[float]
-    ):
-        super().__init__()
-        self.input_size = input_size
-        self.model_size = model_size
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.shape[-1] != self.model_size or pixels.shape[-2] != self.model_size:
-            size = (self.model_size, self.model_size)
-            pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False)
-        return (pixels - self.mean) / self.std
-
-    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised model-size images back to [0, 1] pixels (for pictures)."""
-        return (x * self.std + self.mean).clamp(0, 1)
-
-
-def build_backbone(
-    name: str, *, img_size: int, patch_size: int, in_chans: int, **overrides: Any
-) -> nn.Module:
-    """A backbone from the registry; wrong overrides for the factory become one clear line."""
-    factory = registry.backbones.get(name)
-    try:
-        return factory(img_size=img_size, patch_size=patch_size, in_chans=in_chans, **overrides)
-    except TypeError as exc:
-        from dmae_cli.runtime.errors import UserError
-
-        raise UserError(f"backbone '{name}' rejected its options {overrides}: {exc}") from exc
+from dmae_cli.models.adapter import InputAdapter
 
 
 def sincos_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
@@ -108,7 +68,7 @@ def random_masking(
 
 
 class DMAE(nn.Module):
-    """Denoising masked autoencoder (PAPER.md §1) around a timm ViT encoder.
+    """Denoising masked autoencoder around a timm ViT encoder.
 
     `forward(noisy, clean)` takes pixel-space images in [0, 1]: the encoder sees the noisy ones
     (masked), and the loss compares the reconstruction with the clean ones over all patches.
@@ -123,7 +83,7 @@ class DMAE(nn.Module):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         norm_pix_loss: bool = True,
-    ):
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.adapter = adapter
@@ -217,7 +177,7 @@ class DMAE(nn.Module):
     # -- the official checkpoint layout ---------------------------------------------------------
     def official_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the key names of the official DMAE/MAE checkpoints."""
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for key, value in self.state_dict().items():
             if key.startswith("adapter."):
                 continue
@@ -233,84 +193,3 @@ def _init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-
-
-class Classifier(nn.Module):
-    """The base classifier f of the smoothed model: [0, 1] pixels -> logits (PAPER.md §2).
-
-    `InputAdapter` (resize + normalise) and then a timm ViT with global average pooling over
-    the patch tokens and `fc_norm` before the linear head; noise is added by the caller, in
-    pixel space, before `forward`.
-    """
-
-    def __init__(self, vit: nn.Module, adapter: InputAdapter):
-        super().__init__()
-        self.adapter = adapter
-        self.vit = vit
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vit(self.adapter(pixels))
-
-
-def build_classifier(meta: dict[str, Any], drop_path: float = 0.0) -> Classifier:
-    """A classifier from a checkpoint's self-description (see `pretrain.model_meta`)."""
-    vit = build_backbone(
-        meta["backbone"],
-        img_size=meta["image_size"],
-        patch_size=meta["patch_size"],
-        in_chans=meta["channels"],
-        **{
-            **meta.get("backbone_options", {}),
-            "num_classes": meta["num_classes"],
-            "global_pool": meta.get("global_pool", "avg"),  # "token" for a linear probe
-            "drop_path_rate": drop_path,
-        },
-    )
-    if meta.get("head_batchnorm", False):  # linear probe as MAE: BatchNorm without affine
-        vit.head = nn.Sequential(
-            nn.BatchNorm1d(vit.head.in_features, affine=False, eps=1e-6), vit.head
-        )
-    adapter = InputAdapter(meta["input_size"], meta["image_size"], meta["mean"], meta["std"])
-    return Classifier(vit, adapter)
-
-
-# -- a fine-tuned classifier from its checkpoint ---------------------------------------------
-CLASSIFIER_META = (
-    "backbone",
-    "image_size",
-    "patch_size",
-    "input_size",
-    "channels",
-    "mean",
-    "std",
-    "num_classes",
-    "sigma",
-)
-
-
-def load_classifier(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Classifier, dict[str, Any]]:
-    """A classifier written by `dmae finetune`, in eval mode on `device`, and its meta.
-
-    The checkpoint describes its own model (`meta`), so nothing else is needed; any file that
-    is not such a classifier fails with one `UserError` line saying what it is instead.
-    """
-    from dmae_cli.runtime import checkpoint
-    from dmae_cli.runtime.errors import UserError
-
-    state = checkpoint.load_checkpoint(path)
-    meta = state.get("meta")
-    wanted = "a classifier from 'dmae finetune' (runs/<name>/finetune/sigma-<s>/best.pth)"
-    if not isinstance(meta, dict) or not isinstance(state.get("model"), dict):
-        raise UserError(f"{path}: not a dmae checkpoint (no self-description); expected {wanted}")
-    if meta.get("stage") != "finetune":
-        raise UserError(f"{path}: a {meta.get('stage', 'unknown')} checkpoint; expected {wanted}")
-    absent = [key for key in CLASSIFIER_META if key not in meta]
-    if absent:
-        raise UserError(f"{path}: classifier checkpoint lacks {', '.join(absent)} in its meta")
-    model = build_classifier(meta)
-    checkpoint.load_exact(
-        model, state["model"], str(path), "weights do not match the model its meta describes"
-    )
-    return model.to(device).eval(), meta
