@@ -18,15 +18,19 @@ Dataset
 
 Certifier
     A callable `factory(**options) -> Certifier`; see `Certifier` and `Certificate` below.
+    The statistics a certifier needs come with them: `clopper_pearson_lower`, `gaussian_radius`
+    and `cohen_bound` (Cohen et al.'s certificate from raw counts), for floats or arrays.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import torch
 
 API_VERSION = 1
@@ -135,6 +139,69 @@ class CertifierFactory(Protocol):
     """Builds a certifier from the recipe's `certify.options` (keyword arguments)."""
 
     def __call__(self, **options: Any) -> Certifier: ...
+
+
+# -- the statistics of a certificate ----------------------------------------------------------
+# Numbers in, a float out (what a certifier passes, fast: no array is built); numpy arrays in,
+# broadcast together, a float64 array out (what `dmae report --alpha` passes, a file at once).
+# Both ways compute the same bits. scipy is imported on the first call, not with this module:
+# every command reads the plugin contracts, few compute a bound. The quantiles are scipy's
+# special functions, the numbers `scipy.stats.beta.ppf` and `norm.ppf` compute underneath,
+# without the distribution objects' argument handling (about 60 times faster per call).
+Bound = TypeVar("Bound", float, np.ndarray)
+
+
+def clopper_pearson_lower(successes: Bound, trials: Bound, alpha: float) -> Bound:
+    """The one-sided (1 - alpha) Clopper-Pearson lower bound on a binomial probability p.
+
+    From `successes` k of `trials` n: the Beta(alpha; k, n - k + 1) quantile, i.e. statsmodels'
+    `proportion_confint(k, n, 2 * alpha, method="beta")[0]`, and 0 where k = 0 (the quantile
+    of a Beta with a zero parameter is undefined, the bound is 0). Exact: its coverage is at
+    least 1 - alpha whatever p is, which is why the built-in certifiers use it.
+    """
+    from scipy.special import betaincinv
+
+    if not isinstance(successes, np.ndarray) and not isinstance(trials, np.ndarray):
+        if successes <= 0:
+            return 0.0
+        return float(betaincinv(successes, trials - successes + 1, alpha))
+    k = np.asarray(successes, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(k > 0, betaincinv(np.maximum(k, 1), trials - k + 1, alpha), 0.0)
+
+
+def gaussian_radius(sigma: float, p_lower: Bound) -> Bound:
+    """The L2 radius that `p_lower` certifies under N(0, sigma^2 I) noise; NaN below 1/2.
+
+    When the smoothed classifier's top class has probability at least p_lower >= 1/2, its
+    prediction is constant within sigma * PhiInverse(p_lower) (Cohen et al. 2019, Theorem 1).
+    Below 1/2 no class is certain to win and the certifier abstains: NaN.
+    """
+    from scipy.special import ndtri
+
+    if not isinstance(p_lower, np.ndarray):
+        return float(sigma * ndtri(p_lower)) if p_lower >= 0.5 else math.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(p_lower >= 0.5, sigma * ndtri(p_lower), np.nan)
+
+
+class CohenBound(NamedTuple):
+    """What Cohen et al.'s CERTIFY concludes from its estimation counts (floats or arrays)."""
+
+    pa_lower: Any  # the lower confidence bound on the selected class's probability pA
+    radius: Any  # gaussian_radius(sigma, pa_lower): NaN where pa_lower < 1/2 (abstain)
+
+
+def cohen_bound(sigma: float, count_top: Bound, n: Bound, alpha: float) -> CohenBound:
+    """Cohen et al.'s certificate from `count_top` votes for the selected class among `n` noisy
+    copies (fresh ones, not those that selected it) at confidence 1 - alpha.
+
+    pA_lower = `clopper_pearson_lower(count_top, n, alpha)`; radius = sigma * PhiInverse(
+    pA_lower), NaN (abstain) where pA_lower < 1/2. The `cohen` certifier and `dmae report
+    --alpha` both compute their radii here.
+    """
+    pa_lower = clopper_pearson_lower(count_top, n, alpha)
+    return CohenBound(pa_lower, gaussian_radius(sigma, pa_lower))
 
 
 # -- checking a plugin against its contract ---------------------------------------------------

@@ -18,9 +18,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import beta, binomtest, norm
 
-from dmae_cli.api import ABSTAIN, Certificate, Certifier, CertifyRequest, CountsFn
+from dmae_cli.api import (
+    ABSTAIN,
+    Certificate,
+    Certifier,
+    CertifyRequest,
+    CountsFn,
+    cohen_bound,
+    gaussian_radius,
+)
+from dmae_cli.api import clopper_pearson_lower as cp_lower
 from dmae_cli.plugins import registry
-from dmae_plugins.certifiers._bounds import cp_lower, cp_upper, gaussian_radius, thresholds
+from dmae_plugins.certifiers._bounds import cp_upper, thresholds
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import (
     Sequential,
@@ -121,8 +130,33 @@ def test_bounds_are_scipys_distribution_quantiles_bit_for_bit() -> None:
         assert cp_lower(k, n, alpha) == (beta.ppf(alpha, k, n - k + 1) if k else 0.0)
         assert cp_upper(k, n, alpha) == (beta.ppf(1 - alpha, k + 1, n - k) if k < n else 1.0)
         p = cp_lower(k, n, alpha)
-        assert gaussian_radius(0.5, p) == 0.5 * norm.ppf(p)
+        if p >= 0.5:
+            assert gaussian_radius(0.5, p) == 0.5 * norm.ppf(p)
+        else:
+            assert math.isnan(gaussian_radius(0.5, p))  # no radius: abstain
     assert thresholds(0.25, RADII)[1:] == sorted({norm.cdf(r / 0.25) for r in RADII[1:]})
+
+
+def test_cohen_bound_on_arrays_is_the_scalar_one_and_scipys_distributions_bit_for_bit() -> None:
+    """`dmae report --alpha` passes arrays, certifiers numbers: the same radius either way, and
+    the one the report computed with scipy.stats before the two shared `cohen_bound`."""
+    rng = np.random.default_rng(5)
+    n = rng.integers(0, 10**6, size=5000)
+    n[:50] = 0  # rows whose estimation was skipped
+    k = np.minimum((rng.random(n.size) * (n + 1)).astype(np.int64), n)
+    k[50:100] = n[50:100]  # every vote for the top class
+    for alpha in (1e-6, 0.001, 0.05, 0.4):
+        bound = cohen_bound(0.25, k, n, alpha)
+        kf = k.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_lower = np.where(kf > 0, beta.ppf(alpha, np.maximum(kf, 1), n - kf + 1), 0.0)
+            radius = np.where(p_lower >= 0.5, 0.25 * norm.ppf(p_lower), np.nan)
+        assert np.array_equal(bound.radius, radius, equal_nan=True)
+        for i in range(0, n.size, 97):
+            one = cohen_bound(0.25, int(k[i]), int(n[i]), alpha)
+            assert one.pa_lower == bound.pa_lower[i]
+            both_nan = math.isnan(one.radius) and np.isnan(bound.radius[i])
+            assert one.radius == bound.radius[i] or both_nan
 
 
 def test_thresholds_always_include_one_half() -> None:

@@ -252,8 +252,10 @@ def without_time(rows: list[str]) -> list[list[str]]:
 
 def certify_problems(tsv: Path, before: list[str], reference: list[str]) -> list[str]:
     """What is wrong with a certification TSV after a kill, given the rows it had before."""
+    from dmae_cli.smoothing.runfile import header_path
+
     try:
-        json.loads(tsv.with_suffix(".json").read_text())
+        json.loads(header_path(tsv).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return [f"header unreadable: {exc}"]
     try:
@@ -269,8 +271,7 @@ def certify_problems(tsv: Path, before: list[str], reference: list[str]) -> list
 
 
 def certify_acceptance(args: argparse.Namespace, work: Path) -> bool:
-    from dmae_cli.config.recipe import sigma_name
-    from dmae_cli.smoothing.runfile import Row
+    from dmae_cli.smoothing.runfile import Row, header_path, tsv_path
 
     model = find_model(args, work)
     straight, killed, logs = work / "straight", work / "killed", work / "logs"
@@ -290,12 +291,12 @@ def certify_acceptance(args: argparse.Namespace, work: Path) -> bool:
     print(f"uninterrupted: {' '.join(command(straight))}")
     started = time.monotonic()
     run_to_end(command(straight), logs / "straight.txt")
-    name = f"{sigma_name(args.sigma)}.tsv"
+    name = tsv_path(straight, args.sigma).name
     reference = tsv_rows(straight / name)
     count = len(reference)
     # Examples are certified in groups of `together` whose rows are appended at once (1 in
     # older files), and each row's `time` spans its group's certification: one step.
-    group = json.loads((straight / name).with_suffix(".json").read_text()).get("together", 1)
+    group = json.loads(header_path(straight / name).read_text()).get("together", 1)
     step_s = sum(Row.parse(r).time for r in reference) / count
     steps = -(-count // group)
     print(f"  {count} examples in {time.monotonic() - started:.0f} s: {steps} groups of {group}, "

@@ -5,12 +5,16 @@ a header line, columns `idx label predict radius correct time`, `predict` = -1 f
 abstention) into `CertResults`, with each file's sigma from its `sigma` column, its JSON header,
 `--sigma` or its name, in that order. Errors name the file and line. `with_alpha` recomputes the
 radii under another confidence level `alpha` from the raw counts that our own files carry
-(Cohen's certifier only).
+(Cohen's certifier only), with the `cohen` certifier's own `dmae_cli.api.cohen_bound`.
+
+Any tool's file is read the same way, by column name, and what the report needs of one is
+Cohen's columns. What is particular to dmae's own files, their names in a certify directory,
+the JSON header beside each and its reading, and the columns they begin with, is
+`dmae_cli.smoothing.runfile`'s, the module that writes them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -20,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta, norm
 
+from dmae_cli.api import cohen_bound
 from dmae_cli.runtime.errors import UserError
+from dmae_cli.smoothing.runfile import COHEN_COLUMNS, TSV_GLOB, header_path, read_header, read_text
 
 ABSTAIN = -1
-REQUIRED = ("label", "predict", "radius", "correct")
-COHEN_HEADER = "idx label predict radius correct time"
+REQUIRED = ("label", "predict", "radius", "correct")  # what the report needs of any tool's file
+COHEN_HEADER = " ".join(COHEN_COLUMNS)
 # sigma_0.50, sigma-0.5, noise_0.25, sigma=1 (and the same inside a directory name)
 SIGMA_IN_NAME = re.compile(r"(?:sigma|noise)[_\-=]?(\d+(?:\.\d+)?|\.\d+)", re.IGNORECASE)
 
@@ -43,9 +48,10 @@ def warn(message: str) -> None:
 def find_inputs(paths: Sequence[Path]) -> list[tuple[Path, str]]:
     """Every TSV to read, with the run it belongs to.
 
-    A directory is a run directory (its `certify/sigma-*.tsv`) or a certify directory (its own
-    `sigma-*.tsv`); its files form one run named after it. Files given one by one form one run
-    together, named after their common directory (the run's, for runs/<name>/certify/).
+    A directory is a run directory (its `certify/sigma-*.tsv`, runfile's `TSV_GLOB`) or a
+    certify directory (its own `sigma-*.tsv`); its files form one run named after it. Files
+    given one by one form one run together, named after their common directory (the run's, for
+    runs/<name>/certify/).
     """
     found: list[tuple[Path, str]] = []
     loose = [Path(p) for p in paths if not Path(p).is_dir()]
@@ -63,11 +69,11 @@ def find_inputs(paths: Sequence[Path]) -> list[tuple[Path, str]]:
 
 def _tsv_files_in(directory: Path) -> list[Path]:
     for where in (directory / "certify", directory):
-        files = sorted(where.glob("sigma-*.tsv"))
+        files = sorted(where.glob(TSV_GLOB))
         if files:
             return files
     raise UserError(
-        f"{directory}: no certification results (expected certify/sigma-*.tsv or sigma-*.tsv); "
+        f"{directory}: no certification results (expected certify/{TSV_GLOB} or {TSV_GLOB}); "
         f"run 'dmae certify' first or pass the TSV files"
     )
 
@@ -75,11 +81,6 @@ def _tsv_files_in(directory: Path) -> list[Path]:
 def _run_name(directory: Path) -> str:
     directory = directory.resolve()
     return directory.parent.name if directory.name == "certify" else directory.name
-
-
-def json_header_path(tsv: Path) -> Path:
-    """Our certify stage's JSON header: same stem as the TSV."""
-    return tsv.with_suffix(".json")
 
 
 @dataclass(frozen=True)
@@ -99,18 +100,6 @@ class CertResults:
 
     def __len__(self) -> int:
         return len(self.label)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not a UTF-8 text file") from None
 
 
 def _parse_table(path: Path, text: str) -> tuple[list[str], dict[str, list[str]], list[int]]:
@@ -190,11 +179,11 @@ def _check_unique(path: Path, columns: dict[str, list[str]], lines: list[int]) -
 def read_results(path: Path, run: str = "", sigma: float | None = None) -> CertResults:
     """Read one TSV; `sigma` is used when the file itself does not record its sigma."""
     path = Path(path)
-    _, columns, lines = _parse_table(path, _read_text(path))
+    _, columns, lines = _parse_table(path, read_text(path))
     _check_unique(path, columns, lines)
     predict = _numbers(path, "predict", columns["predict"], lines, int)
     correct = _numbers(path, "correct", columns["correct"], lines, bool) & (predict != ABSTAIN)
-    header = _read_header(path)
+    header = read_header(path)  # {} for another tool's file
     results = CertResults(
         path=path,
         run=run or path.resolve().parent.name,
@@ -209,21 +198,8 @@ def read_results(path: Path, run: str = "", sigma: float | None = None) -> CertR
     )
     recorded = _sigma_from_column(path, columns, lines)
     if recorded is None and header.get("sigma") is not None:
-        recorded = _header_sigma(json_header_path(path), header["sigma"])
+        recorded = _header_sigma(header_path(path), header["sigma"])
     return replace(results, sigma=_resolve_sigma(path, recorded, sigma))
-
-
-def _read_header(tsv: Path) -> dict[str, Any]:
-    path = json_header_path(tsv)
-    if not path.is_file():
-        return {}
-    try:
-        header = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}:1: expected a JSON object")
-    return header
 
 
 def _header_sigma(path: Path, value: Any) -> float:
@@ -274,18 +250,6 @@ def _resolve_sigma(path: Path, recorded: float | None, given: float | None) -> f
 
 
 # -- recomputing radii under another alpha --------------------------------------------------------
-def cohen_radius(sigma: float, count_top: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
-    """Cohen et al.'s radius from raw counts, NaN where the certifier abstains.
-
-    pA_lower = Beta(alpha; nA, n - nA + 1) quantile (one-sided Clopper-Pearson, 0 when nA = 0);
-    radius = sigma * PhiInverse(pA_lower) when pA_lower >= 1/2.
-    """
-    k = count_top.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_lower = np.where(k > 0, beta.ppf(alpha, np.maximum(k, 1), n - k + 1), 0.0)
-        return np.where(p_lower >= 0.5, sigma * norm.ppf(p_lower), np.nan)
-
-
 def with_alpha(results: CertResults, alpha: float) -> CertResults:
     """The same results with every Cohen radius recomputed at confidence 1 - alpha.
 
@@ -304,7 +268,7 @@ def with_alpha(results: CertResults, alpha: float) -> CertResults:
     others = int(np.sum(~cohen & (n > 0)))
     if others:
         warn(f"{path}: --alpha ignored on {others} rows of a certifier other than cohen")
-    radius = cohen_radius(results.sigma, count_top, n, alpha)
+    radius = cohen_bound(results.sigma, count_top, n, alpha).radius  # NaN: abstains
     selected = _column(results, "selected", int) if "selected" in cols else results.predict
     certifies = cohen & ~np.isnan(radius)
     lost = int(np.sum(certifies & (selected == ABSTAIN)))

@@ -1,35 +1,28 @@
-"""The certification stage: which model, which examples, where the rows go, and resuming.
+"""The certification driver: certify each sigma's examples into its run file, resuming.
 
-`run_certify(recipe)` is what `dmae certify` calls. For each sigma of `recipe.certify` it loads
-the fine-tuned classifier (`certify.checkpoint`, else runs/<name>/finetune/sigma-<s>/best.pth,
-else last.pth), selects examples of the split (`start`, `end`, `interval`, `max_examples`)
-and certifies each one with the certifier plugin named by the recipe, which draws noisy copies
-through `Sampler`. It writes, into runs/<name>/certify/:
+`run_certify(recipe)` is what `dmae certify` calls. What it certifies comes from
+`dmae_cli.smoothing.jobs`: for each sigma of `recipe.certify`, the fine-tuned classifier
+(`certify.checkpoint`, else runs/<name>/finetune/sigma-<s>/best.pth, else last.pth), the
+examples of the split (`start`, `end`, `interval`, `max_examples`), the certifier plugin named
+by the recipe and the `Sampler` it draws noisy copies through. Where the rows go and how they
+are written is `dmae_cli.smoothing.runfile`'s: per sigma a TSV of one row per example, sorted
+by idx, with the raw counts behind each radius, and a JSON header beside it, in
+runs/<name>/certify/ unless `--out` says otherwise. This module drives the writing.
 
-  sigma-<s>.tsv    one row per example, sorted by idx: Cohen's columns `idx label predict
-                   radius correct time` (time in seconds), then `count_top n n0 certifier
-                   pa_lower stop`, the raw counts from which a radius can be recomputed
-  sigma-<s>.json   the header: checkpoint sha256, sigma, n0, n, alpha, seed, certifier,
-                   data fingerprint, package versions, and the batch size and precision
-                   as resolved (`auto` is recorded as what it chose)
-
-Rows are appended and flushed as they finish, so an interruption loses at most the examples
-in progress, and running the same command again skips the finished indices (after checking
-that the header matches). A row that cannot be written (a full disk) is cut back off, so the
-file keeps only whole rows, and the run stops with one line. Under torchrun the examples
-still to do are dealt round-robin to the ranks; rank 0 appends to the TSV, rank r > 0 to
-`sigma-<s>.tsv.part<r>`, and rank 0 merges, sorts and removes the parts once every rank is
-done. Each example's noise comes from its own generator, so the merged file is the one a
-single process writes.
+Rows are appended as they finish, so an interruption loses at most the examples in progress,
+and running the same command again skips the finished indices (after checking that the header
+matches). A row that cannot be written (a full disk) is cut back off, so the file keeps only
+whole rows, and the run stops with one line. Under torchrun the examples still to do are
+dealt round-robin to the ranks; rank 0 appends to the TSV, rank r > 0 to its part file, and
+rank 0 merges, sorts and removes the parts once every rank is done. Each example's noise comes
+from its own generator, so the merged file is the one a single process writes.
 
 `dmae_cli.smoothing.estimate` (`dmae certify --estimate`) builds the same jobs, times a short
-sample of
-noisy forward passes on each and projects the cost of what is left, writing nothing.
+sample of noisy forward passes on each and projects the cost of what is left, writing nothing.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +30,7 @@ from pathlib import Path
 from rich.progress import TextColumn
 
 from dmae_cli.config.recipe import Recipe, sigma_name
-from dmae_cli.runtime import checkpoint, distributed, ui
+from dmae_cli.runtime import distributed, ui
 from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
 from dmae_cli.smoothing.jobs import Job, prepare
 from dmae_cli.smoothing.runfile import (
@@ -45,9 +38,12 @@ from dmae_cli.smoothing.runfile import (
     RowFile,
     check_header,
     finished,
+    header_path,
     merge,
     open_for_append,
     part_path,
+    tsv_path,
+    write_header,
 )
 
 
@@ -82,14 +78,14 @@ def run_certify(recipe: Recipe, out: Path | None = None) -> list[SigmaResult]:
 
 def certify_sigma(job: Job, indices: list[int], out_dir: Path) -> SigmaResult:
     """Certify the examples of `indices` not in the TSV yet; merge; return the selection."""
-    tsv = out_dir / f"{sigma_name(job.sigma)}.tsv"
-    head = tsv.with_suffix(".json")
-    check_header(head, tsv, job.header)
+    tsv = tsv_path(out_dir, job.sigma)
+    head = header_path(tsv)
+    check_header(tsv, job.header)
     done = finished(tsv)
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         if not head.is_file():
-            checkpoint.atomic_write_text(head, json.dumps(job.header, indent=2) + "\n")
+            write_header(tsv, job.header)
     distributed.barrier()  # every rank has read `done` before any rank appends
     todo = [i for i in indices if i not in done]
     rank, world = distributed.rank(), distributed.world_size()

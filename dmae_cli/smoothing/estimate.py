@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from dmae_cli.api import Certifier
-from dmae_cli.config.recipe import CertifyConfig, Recipe, sigma_name
+from dmae_cli.config.recipe import CertifyConfig, Recipe
 from dmae_cli.runtime import distributed
 from dmae_cli.smoothing.jobs import Job, prepare
-from dmae_cli.smoothing.runfile import check_header, finished
+from dmae_cli.smoothing.runfile import check_header, finished, tsv_path
 from dmae_cli.smoothing.sampler import Sampler
 
 ESTIMATE_SECONDS = 3.0  # timed sampling per sigma, after the warm-up
@@ -71,8 +71,8 @@ def estimate_certify(
 def estimate_sigma(job: Job, indices: list[int], out_dir: Path, seconds: float) -> SigmaEstimate:
     """Project one sigma's remaining work from `seconds` of timed sampling; reads files only."""
     cfg, sampler = job.recipe.certify, job.sampler
-    tsv = out_dir / f"{sigma_name(job.sigma)}.tsv"
-    check_header(tsv.with_suffix(".json"), tsv, job.header)  # a run would refuse: so do we
+    tsv = tsv_path(out_dir, job.sigma)
+    check_header(tsv, job.header)  # a run would refuse: so do we
     done = finished(tsv)
     todo = [i for i in indices if i not in done]
     world = distributed.world_size()

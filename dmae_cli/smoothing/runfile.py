@@ -1,5 +1,28 @@
-"""The certification run file: one TSV row per example plus a JSON header, written so that
-an interruption loses at most the examples in progress and a rerun resumes where it stopped.
+"""dmae's certification run file: its format, and every read and write of it.
+
+`dmae certify` writes, for each sigma, two files into its output directory (by default
+runs/<name>/certify/); this module is the only one that knows their layout:
+
+  sigma-<s>.tsv    tab-separated, the column header `HEADER_LINE` and then one row per
+                   example (`Row`), sorted by idx: Cohen et al.'s columns `idx label predict
+                   radius correct time` (`COHEN_COLUMNS`; time in seconds, predict -1 for an
+                   abstention), then `count_top n n0 certifier pa_lower stop`, the raw counts
+                   from which a radius can be recomputed
+  sigma-<s>.json   the header beside it (`header_path`): what the rows depend on, the
+                   `MATCHING` keys (format, sigma, n0, n, alpha, seed, certifier and its
+                   options, radii, skip_wrong, checkpoint sha256, data set and fingerprint),
+                   and what is only recorded (the device, precision, batch size and
+                   parallelism as resolved, package versions, the creation time)
+
+Written so that an interruption loses at most the examples in progress and a rerun resumes
+where it stopped: rows are appended whole (`RowFile`), a torn last line left by a crash is cut
+before appending again (`repair`) and ignored by `read_lines`; under torchrun rank r > 0
+appends to `sigma-<s>.tsv.part<r>` and rank 0 folds the parts in (`merge`), sorted by idx,
+atomically. `check_header` refuses to resume rows certified under other settings.
+
+`dmae_cli.smoothing.jobs` builds the header's contents, `dmae_cli.smoothing.certify` drives the
+writing, and `dmae report` (`dmae_cli.report.inputs`) finds and reads these files, headers
+included, through the paths, readers and column names defined here.
 """
 
 from __future__ import annotations
@@ -13,17 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from dmae_cli.api import Certificate
+from dmae_cli.config.recipe import sigma_name
 from dmae_cli.runtime import checkpoint
 from dmae_cli.runtime.errors import UserError
 
-COLUMNS = (
-    "idx", "label", "predict", "radius", "correct", "time",
-    "count_top", "n", "n0", "certifier", "pa_lower", "stop",
-)  # fmt: skip
-
-
 FORMAT = "dmae-certify/1"
 
+# The columns of Cohen et al.'s certify.py, which every other tool's file has too: dmae's files
+# begin with them, so that a reader of those reads ours.
+COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+COLUMNS = (*COHEN_COLUMNS, "count_top", "n", "n0", "certifier", "pa_lower", "stop")
+HEADER_LINE = "\t".join(COLUMNS) + "\n"
 
 # Header keys that change what a row means; a resumed file must agree on all of them. The
 # device changes which noise is drawn (another generator) and precision the arithmetic, not
@@ -33,6 +56,29 @@ MATCHING = (
     "format", "sigma", "n0", "n", "alpha", "seed", "certifier", "certifier_options",
     "radii", "skip_wrong", "checkpoint_sha256", "dataset", "data_fingerprint",
 )  # fmt: skip
+
+TSV_GLOB = "sigma-*.tsv"  # the run files of a certify directory, one per sigma
+
+
+# -- paths ----------------------------------------------------------------------------------
+def tsv_path(directory: Path, sigma: float) -> Path:
+    """The run file of `sigma` in a certify directory: sigma-<s>.tsv."""
+    return Path(directory) / f"{sigma_name(sigma)}.tsv"
+
+
+def header_path(tsv: Path) -> Path:
+    """The JSON header beside a run file: the same name, ending in .json."""
+    return tsv.with_suffix(".json")
+
+
+def part_path(tsv: Path, rank: int) -> Path:
+    """Where rank `rank` appends: the run file itself on rank 0, else sigma-<s>.tsv.part<r>."""
+    return tsv if rank == 0 else tsv.with_name(f"{tsv.name}.part{rank}")
+
+
+def parts(tsv: Path) -> list[Path]:
+    """The rank part files beside `tsv` not merged yet."""
+    return sorted(tsv.parent.glob(f"{tsv.name}.part*"))
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -83,7 +129,18 @@ class Row:
         )  # fmt: skip
 
 
-HEADER_LINE = "\t".join(COLUMNS) + "\n"
+# -- reading --------------------------------------------------------------------------------
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; a user error names the file, and the line of a byte that is not text."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not a UTF-8 text file") from None
 
 
 def read_lines(path: Path) -> dict[int, str]:
@@ -100,6 +157,52 @@ def read_lines(path: Path) -> dict[int, str]:
         except ValueError as exc:
             raise UserError(f"{path}, line {number}: malformed row ({exc})") from None
     return rows
+
+
+def finished(tsv: Path) -> set[int]:
+    """The indices already certified into `tsv` or one of its rank parts."""
+    return set(read_lines(tsv)).union(*(read_lines(p) for p in parts(tsv)))
+
+
+def read_header(tsv: Path) -> dict[str, Any]:
+    """The JSON header beside `tsv`, {} when there is none; errors name the file and line."""
+    path = header_path(tsv)
+    if not path.is_file():
+        return {}
+    try:
+        header = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}:1: expected a JSON object")
+    return header
+
+
+# -- writing --------------------------------------------------------------------------------
+def write_header(tsv: Path, header: dict[str, Any]) -> None:
+    """Write the JSON header beside `tsv`, atomically."""
+    checkpoint.atomic_write_text(header_path(tsv), json.dumps(header, indent=2) + "\n")
+
+
+def check_header(tsv: Path, header: dict[str, Any]) -> None:
+    """Refuse to resume rows certified under other settings (every rank checks the same)."""
+    path = header_path(tsv)
+    if not path.is_file():
+        if read_lines(tsv) or parts(tsv):
+            raise UserError(
+                f"{tsv} exists without its header {path.name}; delete it to start over, "
+                f"or write elsewhere with --out"
+            )
+        return
+    old = read_header(tsv)
+    new = json.loads(json.dumps(header))  # compare as stored: tuples become lists
+    for key in MATCHING:
+        if old.get(key) != new[key]:
+            raise UserError(
+                f"{tsv} holds results for {key}={old.get(key)!r}, this run has "
+                f"{header[key]!r}; delete {tsv.name} and {path.name} to start over, or write "
+                f"elsewhere with --out"
+            )
 
 
 class RowFile:
@@ -142,27 +245,25 @@ class RowFile:
         return written
 
 
+def repair(path: Path) -> None:
+    """Cut a torn last line (a crash mid-write) off a row file, keeping every whole row."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+
+
 def open_for_append(path: Path) -> RowFile:
-    """Open a row file for appending: drop a partial last line, write the column header."""
-    if path.is_file():
-        data = path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            with path.open("r+b") as f:
-                f.truncate(keep)
+    """Open a row file for appending: `repair` it, and write the column header if new."""
+    repair(path)
     fresh = not path.is_file() or path.stat().st_size == 0
     rows = RowFile(path)
     if fresh:
         rows.append(HEADER_LINE)
     return rows
-
-
-def part_path(tsv: Path, rank: int) -> Path:
-    return tsv if rank == 0 else tsv.with_name(f"{tsv.name}.part{rank}")
-
-
-def parts(tsv: Path) -> list[Path]:
-    return sorted(tsv.parent.glob(f"{tsv.name}.part*"))
 
 
 def merge(tsv: Path) -> dict[int, str]:
@@ -176,31 +277,3 @@ def merge(tsv: Path) -> dict[int, str]:
     for part in parts(tsv):
         part.unlink()
     return rows
-
-
-def check_header(path: Path, tsv: Path, header: dict[str, Any]) -> None:
-    """Refuse to resume rows certified under other settings (every rank checks the same)."""
-    if not path.is_file():
-        if read_lines(tsv) or parts(tsv):
-            raise UserError(
-                f"{tsv} exists without its header {path.name}; delete it to start over, "
-                f"or write elsewhere with --out"
-            )
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable header ({exc})") from None
-    new = json.loads(json.dumps(header))  # compare as stored: tuples become lists
-    for key in MATCHING:
-        if old.get(key) != new[key]:
-            raise UserError(
-                f"{tsv} holds results for {key}={old.get(key)!r}, this run has "
-                f"{header[key]!r}; delete {tsv.name} and {path.name} to start over, or write "
-                f"elsewhere with --out"
-            )
-
-
-def finished(tsv: Path) -> set[int]:
-    """The indices already certified into `tsv` or one of its rank parts."""
-    return set(read_lines(tsv)).union(*(read_lines(p) for p in parts(tsv)))

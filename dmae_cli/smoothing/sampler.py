@@ -5,12 +5,11 @@ the image plus N(0, sigma^2 I) noise, generated in fp32 in [0, 1] pixel space at
 native resolution directly on the model's device (the model's `InputAdapter` then resizes and
 normalises), forwards them in batches (bf16 autocast under `precision: auto` on CUDA and on a
 CPU with native bf16 arithmetic, see `dmae_cli.runtime.precision`), and votes with argmax.
-Predictions are
-written into one preallocated device tensor and counted by a single `bincount` at the end, so
-the batches run back to back with no host synchronisation between them (CUDA's `bincount`
-synchronises to size its output: once per call, together with the copy of the counts to the
-host, instead of once per batch). Inputs stay in the default NCHW layout: channels-last buys a
-ViT nothing, its only convolution is the patch embedding.
+Predictions are written into one preallocated device tensor and counted by a single `bincount`
+at the end, so the batches run back to back with no host synchronisation between them (CUDA's
+`bincount` synchronises to size its output: once per call, together with the copy of the
+counts to the host, instead of once per batch). Inputs stay in the default NCHW layout:
+channels-last buys a ViT nothing, its only convolution is the patch embedding.
 
 On a CPU, `parallel` forward passes run at once, each on a thread whose torch ops use one core
 (`forward_pool`): a small model's passes are too short for torch to spread one of them over
@@ -23,9 +22,8 @@ kept for the next request. So noisy copy number i of an example is the same what
 before it (other examples, another process's share of the work, a resume) and however the
 copies are asked for: the batch size, the sizes of a certifier's requests, the packing of
 several examples into one forward pass (`dmae_cli.smoothing.interleave`) and the out-of-memory
-back-off
-(which halves the copies per forward pass, `forward_size`) leave the noise unchanged. Two
-certifiers run with one seed therefore see the same noise, copy for copy: a sequential
+back-off (which halves the copies per forward pass, `forward_size`) leave the noise unchanged.
+Two certifiers run with one seed therefore see the same noise, copy for copy: a sequential
 certifier's votes are a prefix of `cohen`'s, which makes their comparison a paired one.
 """
 
@@ -184,8 +182,8 @@ class Sampler:
     only, see the module docstring); each pass is forwarded `forward_size` copies at a time
     (`batch_size`, until the device runs out of memory). The noise comes from each example's
     `NoiseStream`. `compile=True` runs the model through `torch.compile`; call `warm_up`
-    first so that compiling happens, or fails, up front.
-    `drawn` counts every noisy copy classified so far (for throughput displays).
+    first so that compiling happens, or fails, up front. `drawn` counts every noisy copy
+    classified so far (for throughput displays).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The certifier of the paper: Cohen, Rosenfeld & Kolter (ICML 2019, arXiv:1902.02918)."""
+"""The certifier DMAE is evaluated with: Cohen, Rosenfeld & Kolter (ICML 2019, arXiv:1902.02918)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ from typing import ClassVar
 
 from scipy.stats import binomtest
 
-from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, CountsFn
-from dmae_plugins.certifiers._bounds import cp_lower, gaussian_radius
+from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, CountsFn, cohen_bound
 
 
 class Cohen:
-    """Cohen et al. 2019 (the paper's): Clopper-Pearson CERTIFY, binomial-test PREDICT.
+    """Cohen et al. 2019, as DMAE is evaluated: Clopper-Pearson CERTIFY, binomial-test PREDICT.
 
     CERTIFY(f, sigma, x, n0, n, alpha):
       1. cA = the most frequent class among n0 noisy copies (selection; these counts are then
@@ -19,6 +18,8 @@ class Cohen:
       2. nA = votes for cA among n fresh noisy copies.
       3. pA_lower = the one-sided (1 - alpha) Clopper-Pearson lower bound of nA / n.
       4. pA_lower < 1/2: abstain; else predict cA with radius sigma * PhiInverse(pA_lower).
+    Steps 3 and 4 are `dmae_cli.api.cohen_bound`, which `dmae report --alpha` also uses to
+    recompute radii from the counts in the run file.
     Guarantee: with probability >= 1 - alpha over the noise, a returned (cA, r) is right:
     the smoothed classifier predicts cA within L2 radius r of x (Cohen et al., Theorem 1).
 
@@ -27,7 +28,8 @@ class Cohen:
     p-value <= alpha. The answer differs from g(x) with probability at most alpha.
 
     Reference: J. Cohen, E. Rosenfeld, Z. Kolter, "Certified Adversarial Robustness via
-    Randomized Smoothing", ICML 2019 (github.com/locuslab/smoothing, code/core.py).
+    Randomized Smoothing", ICML 2019; the authors' implementation is github.com/locuslab/smoothing.
+    docs/method.md, "Certification", describes both procedures in the project's words.
     """
 
     name: ClassVar[str] = "cohen"
@@ -38,11 +40,11 @@ class Cohen:
         if request.label is not None and selected != request.label:
             return Certificate.skipped(selected, n0)
         n_a = int(counts(n)[selected])
-        p_lower = cp_lower(n_a, n, request.alpha)
-        extra = {"pa_lower": p_lower, "stop": "budget"}
-        if p_lower < 0.5:
+        bound = cohen_bound(request.sigma, n_a, n, request.alpha)
+        extra = {"pa_lower": bound.pa_lower, "stop": "budget"}
+        if bound.pa_lower < 0.5:
             return Certificate(ABSTAIN, 0.0, n_a, n, n0, extra)
-        return Certificate(selected, gaussian_radius(request.sigma, p_lower), n_a, n, n0, extra)
+        return Certificate(selected, bound.radius, n_a, n, n0, extra)
 
     def predict(self, counts: CountsFn, request: CertifyRequest) -> int:
         votes = counts(request.n).tolist()

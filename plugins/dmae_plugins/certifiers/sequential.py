@@ -10,8 +10,15 @@ from typing import ClassVar
 
 from scipy.stats import betabinom
 
-from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, CountsFn
-from dmae_plugins.certifiers._bounds import cp_lower, gaussian_radius, thresholds
+from dmae_cli.api import (
+    ABSTAIN,
+    Certificate,
+    CertifyRequest,
+    CountsFn,
+    clopper_pearson_lower,
+    gaussian_radius,
+)
+from dmae_plugins.certifiers._bounds import thresholds
 from dmae_plugins.certifiers.cohen import Cohen
 
 
@@ -118,7 +125,7 @@ class Sequential:
             n_a += int(counts(size - drawn)[selected])
             drawn = size
             if levels.get(size, 0.0) > 0:
-                lower = max(lower, cp_lower(n_a, drawn, levels[size]))
+                lower = max(lower, clopper_pearson_lower(n_a, drawn, levels[size]))
             stop = self._stop(lower, targets, n_a, drawn, n, levels[n])
             if stop:
                 break
@@ -169,8 +176,8 @@ def fewest_hopeful_votes(
     comparison per check. The checks happen at the same few hundred (look, threshold) pairs for
     every input of a run, so each boundary costs a dozen beta-binomial tails once per process
     instead of one tail (about 0.1-1 ms at n = 10,000) per check of every input. The lock
-    makes examples certified side by side (one thread each, `dmae_cli.smoothing.interleave`), which
-    reach a new pair together, search it once instead of once each.
+    makes examples certified side by side (one thread each, `dmae_cli.smoothing.interleave`),
+    which reach a new pair together, search it once instead of once each.
     """
     with _BOUNDARY_LOCK:
         return _fewest_hopeful_votes(drawn, n, level, threshold, futility)
@@ -200,7 +207,7 @@ def votes_needed(n: int, level: float, threshold: float) -> int:
     low, high = 0, n + 1
     while low < high:
         middle = (low + high) // 2
-        if cp_lower(middle, n, level) >= threshold:
+        if clopper_pearson_lower(middle, n, level) >= threshold:
             high = middle
         else:
             low = middle + 1
