@@ -1,0 +1,233 @@
+"""The recipe's shape: typed, frozen config objects, their defaults, constraints and options.
+
+Each field is declared once, here: its type, default, constraint (`dmae_cli.config.fields`)
+and, for the fields a command takes as an option, that option's names and help (`flag`).
+`dmae_cli.config.recipe` turns YAML into these objects; the commands build their options from
+the flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dmae_cli.config.fields import (
+    all_non_negative,
+    all_positive,
+    batch_size_setting,
+    closed,
+    flag,
+    half_open,
+    non_negative,
+    number_or_word,
+    open_interval,
+    optional,
+    parallel_setting,
+    positive,
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # a name in the `dmae.datasets` registry
+    root: str | None = None  # local path of the data; never downloaded
+    image_size: int = field(default=16, metadata=positive())  # native side: noise is added here
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the dataset plugin
+    num_workers: int = field(default=0, metadata=non_negative())
+    pin_memory: bool = False
+    persistent_workers: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "vit_tiny"  # a name in the `dmae.backbones` registry
+    image_size: int = field(default=16, metadata=positive())  # model input; resized if it differs
+    patch_size: int = field(default=4, metadata=positive())
+    options: dict[str, Any] = field(default_factory=dict)  # overrides for the backbone factory
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation settings shared by pre-training and fine-tuning."""
+
+    epochs: int = field(default=100, metadata=positive())
+    batch_size: int = field(default=64, metadata=positive())  # per device
+    accum_iter: int = field(default=1, metadata=positive())
+    blr: float = field(default=1.5e-4, metadata=positive())  # lr = blr * effective batch / 256
+    lr: float | None = field(default=None, metadata=optional(positive()))  # absolute, wins over blr
+    min_lr: float = field(default=0.0, metadata=non_negative())
+    warmup_epochs: float = field(default=40.0, metadata=non_negative())
+    weight_decay: float = field(default=0.05, metadata=non_negative())
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = field(default=None, metadata=optional(positive()))
+    save_every: int = field(default=20, metadata=positive())  # epochs between kept checkpoints
+
+
+@dataclass(frozen=True)
+class PretrainConfig(OptimConfig):
+    sigma: float = field(default=0.25, metadata=positive())
+    mask_ratio: float = field(default=0.75, metadata=half_open(0.0, 1.0))
+    norm_pix_loss: bool = True
+    decoder_embed_dim: int = field(default=512, metadata=positive())
+    decoder_depth: int = field(default=8, metadata=positive())
+    decoder_num_heads: int = field(default=16, metadata=positive())
+    init: str | None = None  # a DMAE/MAE checkpoint to continue from (e.g. CIFAR-10 after ImageNet)
+    reconstructions: int = field(default=8, metadata=non_negative())  # rows in reconstructions.png
+
+
+@dataclass(frozen=True)
+class ProbeConfig(OptimConfig):
+    """Linear probing (`--linear-probe`, MAE's recipe): LARS on the head of a frozen encoder."""
+
+    epochs: int = field(default=90, metadata=positive())
+    batch_size: int = field(default=512, metadata=positive())
+    blr: float = field(default=0.1, metadata=positive())
+    min_lr: float = field(default=0.0, metadata=non_negative())
+    warmup_epochs: float = field(default=10.0, metadata=non_negative())
+    weight_decay: float = field(default=0.0, metadata=non_negative())
+    momentum: float = field(default=0.9, metadata=half_open(0.0, 1.0))  # LARS momentum
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(OptimConfig):
+    sigma: tuple[float, ...] = field(
+        default=(0.25,),
+        metadata=all_positive() | flag("Noise level to train a model for; repeatable.", "--sigma"),
+    )
+    blr: float = field(default=5e-4, metadata=positive())
+    min_lr: float = field(default=1e-6, metadata=non_negative())
+    warmup_epochs: float = field(default=5.0, metadata=non_negative())
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = field(default=0.65, metadata=closed(0.0, 1.0))
+    drop_path: float = field(default=0.1, metadata=half_open(0.0, 1.0))
+    consistency: bool = True  # Jeong & Shin 2020; off means plain Gaussian augmentation ("RS")
+    num_noise: int = field(default=2, metadata=positive())  # m noisy copies per image
+    lbd: float | None = field(default=None, metadata=optional(non_negative()))  # None: by sigma
+    eta: float | None = field(default=None, metadata=optional(non_negative()))  # None: by sigma
+    label_smoothing: float = field(default=0.0, metadata=half_open(0.0, 1.0))
+    mixup: float = field(default=0.0, metadata=non_negative())
+    cutmix: float = field(default=0.0, metadata=non_negative())
+    auto_augment: str | None = None  # timm RandAugment string, e.g. rand-m9-mstd0.5-inc1
+    reprob: float = field(default=0.0, metadata=closed(0.0, 1.0))  # random erasing
+    init: str | None = field(
+        default=None,
+        metadata=flag(
+            "Start from this checkpoint (ours, official DMAE/MAE, timm or .safetensors) or "
+            "pretraining run directory (its last.pth), or 'none' for random weights; default: "
+            "the recipe's pretrain run, last.pth.",
+            metavar="PATH|none",
+        ),
+    )
+    linear_probe: bool = field(  # trains with `probe` instead of the settings above
+        default=False,
+        metadata=flag(
+            "Train only a BatchNorm + linear head on the frozen encoder's cls token (LARS, "
+            "finetune.probe settings), into runs/<name>/linprobe/.",
+            "--linear-probe",
+        ),
+    )
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval_every: int = field(default=1, metadata=positive())  # epochs between evaluations
+    eval_noise_copies: int = field(default=1, metadata=positive())  # noise draws per test image
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    sigma: tuple[float, ...] = field(
+        default=(0.25,),
+        metadata=all_positive() | flag("Noise level(s): --sigma 0.25 0.5.", "--sigma"),
+    )
+    certifier: str = field(  # a name in the `dmae.certifiers` registry
+        default="cohen", metadata=flag("Certifier plugin, e.g. cohen or sequential.")
+    )
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the certifier factory
+    checkpoint: str | None = field(
+        default=None,
+        metadata=flag(
+            "Classifier to certify; default: runs/<name>/finetune/sigma-<s>/best.pth, else "
+            "last.pth.",
+            metavar="PATH",
+        ),
+    )
+    n0: int = field(default=100, metadata=positive() | flag("Selection samples per image."))
+    n: int = field(
+        default=100_000,
+        metadata=positive() | flag("Estimation samples per image, the budget.", "--n", "-n"),
+    )
+    alpha: float = field(
+        default=0.001,
+        metadata=open_interval(0.0, 1.0) | flag("Failure probability of each certificate."),
+    )
+    # Noisy copies drawn and classified per batch: an integer >= 1, or auto (also 0): on CUDA
+    # the largest power of two that fits in free memory, up to 4096; on CPU 256.
+    batch_size: Any = field(
+        default=1000,
+        metadata=batch_size_setting()
+        | flag(
+            "Noisy copies per batch, or auto: the largest that fits on the GPU, 256 on a CPU.",
+            metavar="N|auto",
+            parse=number_or_word,
+        ),
+    )
+    split: str = field(default="test", metadata=flag("Split to certify: test (= val) or train."))
+    start: int = field(default=0, metadata=non_negative() | flag("First example index."))
+    end: int | None = field(  # None: to the end of the split
+        default=None, metadata=optional(positive()) | flag("Stop before this example index.")
+    )
+    interval: int = field(
+        default=1,
+        metadata=positive() | flag("Every k-th example; the paper takes every 50th."),
+    )
+    max_examples: int | None = field(
+        default=None, metadata=optional(positive()) | flag("At most this many examples.")
+    )
+    skip_wrong: bool = field(
+        default=False,
+        metadata=flag(
+            "Skip estimation once the selected class is wrong, as the official evaluation; "
+            "certified accuracy is unchanged."
+        ),
+    )
+    radii: tuple[float, ...] = field(
+        default=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0),
+        metadata=all_non_negative(),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=flag(
+            "torch.compile the classifier: faster batches after a compilation of minutes; "
+            "needs a C++ compiler (CPU) or Triton (CUDA)."
+        ),
+    )
+    # Examples certified side by side, their draws packed into shared forward passes (a
+    # sequential certifier's small looks fill a batch together); rows are written per group.
+    together: int = field(default=8, metadata=positive())
+    # Forward passes run at once, on a CPU only, each on one core: auto is one per core torch
+    # uses there (a small model runs 1.4-1.9x faster so than as one pass spread over every
+    # core), 1 on CUDA and with compile.
+    parallel: Any = field(default="auto", metadata=parallel_setting())
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "run"
+    seed: int = field(default=0, metadata=flag("Random seed; certify draws its noise from it."))
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    # auto: bf16 autocast on CUDA; on a CPU fp32 for training, and for certification bf16 when the
+    # CPU has native bf16 (AVX512-BF16 or AMX), else fp32 (see dmae_cli/runtime/precision.py)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+
+    def stage_dir(self, stage: str) -> Path:
+        return Path(self.runs_dir) / self.name / stage
+
+
+def sigma_name(sigma: float) -> str:
+    """The directory/file stem for one noise level: 0.25 -> 'sigma-0.25', 1 -> 'sigma-1.0'."""
+    return f"sigma-{float(sigma)!r}"
