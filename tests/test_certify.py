@@ -29,7 +29,24 @@ from dmae_cli.smoothing import estimate as estimate_module
 from dmae_cli.smoothing.certify import run_certify
 from dmae_cli.smoothing.estimate import estimate_certify
 from dmae_cli.smoothing.jobs import select_indices
-from dmae_cli.smoothing.runfile import COLUMNS, RowFile, read_lines
+from dmae_cli.smoothing.runfile import (
+    COLUMNS,
+    HEADER_LINE,
+    MATCHING,
+    Row,
+    RowFile,
+    check_header,
+    finished,
+    header_path,
+    merge,
+    open_for_append,
+    part_path,
+    parts,
+    read_header,
+    read_lines,
+    tsv_path,
+    write_header,
+)
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
 from tests.conftest import one_line_error, save_classifier
@@ -148,6 +165,40 @@ def test_resuming_with_other_settings_is_refused(runs: Path) -> None:
         run_certify(recipe(runs, "certify.max_examples=2", "certify.alpha=0.01"))
     more = run_certify(recipe(runs, "certify.max_examples=4"))[0]  # a larger selection is fine
     assert more.certified_now == 2 and [r.idx for r in more.rows] == [0, 1, 2, 3]
+
+
+def test_run_file_paths_repair_and_merge(tmp_path: Path) -> None:
+    """The run file alone: a torn row is ignored, then cut before appending; parts merge."""
+    tsv = tsv_path(tmp_path, 0.5)
+    assert (tsv.name, header_path(tsv).name) == ("sigma-0.5.tsv", "sigma-0.5.json")
+    assert part_path(tsv, 0) == tsv and part_path(tsv, 2).name == "sigma-0.5.tsv.part2"
+
+    def line(idx: int) -> str:
+        return Row(idx, 1, 1, 0.25, 1, 0.1, 9, 10, 5, "cohen", 0.6, "budget").line()
+
+    with open_for_append(part_path(tsv, 1)) as rows:
+        rows.append(line(1))
+    with open_for_append(tsv) as rows:
+        rows.append(line(2) + line(0)[:5])  # a crash in the middle of a row
+    assert finished(tsv) == {1, 2}
+    with open_for_append(tsv) as rows:
+        rows.append(line(0))
+    assert sorted(merge(tsv)) == [0, 1, 2] and not parts(tsv)
+    assert tsv.read_text() == HEADER_LINE + line(0) + line(1) + line(2)
+
+
+def test_a_damaged_header_stops_a_resume_with_its_line(tmp_path: Path) -> None:
+    tsv = tsv_path(tmp_path, 0.5)
+    header = {key: 1 for key in MATCHING}
+    write_header(tsv, header)
+    assert read_header(tsv) == header
+    check_header(tsv, header)  # the same settings resume
+    header_path(tsv).write_text('{\n"sigma": 0.5,\n')
+    with pytest.raises(UserError, match=r"sigma-0\.5\.json:3: not valid JSON"):
+        check_header(tsv, header)
+    header_path(tsv).write_text("[1, 2]\n")
+    with pytest.raises(UserError, match=r"sigma-0\.5\.json:1: expected a JSON object"):
+        check_header(tsv, header)
 
 
 def test_skip_wrong_rows_keep_the_selected_class_without_estimation(runs: Path) -> None:

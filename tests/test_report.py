@@ -159,11 +159,11 @@ def test_sigma_from_names_column_and_option(tmp_path: Path) -> None:
 
 
 def ours(directory: Path, sigma: float, rows: list[tuple], certifier: str = "cohen") -> Path:
-    """A file as `dmae certify` writes it, through its own Row class and header name."""
-    from dmae_cli.smoothing.runfile import HEADER_LINE, Row
+    """A file as `dmae certify` writes it, through its run-file module (names, rows, header)."""
+    from dmae_cli.smoothing.runfile import HEADER_LINE, Row, tsv_path, write_header
 
     directory.mkdir(parents=True, exist_ok=True)
-    tsv = directory / f"sigma-{sigma!r}.tsv"
+    tsv = tsv_path(directory, sigma)
     lines = [HEADER_LINE]
     for idx, (label, predict, radius, count_top, n) in enumerate(rows):
         row = Row(
@@ -173,7 +173,7 @@ def ours(directory: Path, sigma: float, rows: list[tuple], certifier: str = "coh
         lines.append(row.line())
     tsv.write_text("".join(lines))
     header = {"sigma": sigma, "n0": 100, "n": 1000, "alpha": 0.001, "certifier": certifier}
-    tsv.with_suffix(".json").write_text(json.dumps(header))
+    write_header(tsv, header)
     return tsv
 
 
@@ -223,6 +223,25 @@ def test_alpha_recomputes_cohen_radii_from_counts(tmp_path: Path) -> None:
     assert not loose.correct[2]  # the file cannot say which class the abstention selected
     strict = with_alpha(results, 1e-300)
     assert strict.radius[0] < results.radius[0]
+
+
+def test_alpha_gives_back_the_cohen_certifiers_own_radius_bit_for_bit(tmp_path: Path) -> None:
+    """The certifier and `--alpha` share one radius function: at the file's alpha, no change."""
+    import torch
+
+    from dmae_cli.api import CertifyRequest
+    from dmae_plugins.certifiers.cohen import Cohen
+
+    rows = []
+    for label, k, n in OUR_ROWS:
+        selection, estimation = torch.zeros(10, dtype=torch.int64), torch.zeros(10).long()
+        selection[label], estimation[label], estimation[label - 1] = 100, k, n - k
+        answers = iter([selection, estimation])
+        cert = Cohen().certify(lambda _, a=answers: next(a), CertifyRequest(0.5, 1e-3, 100, n))
+        rows.append((label, cert.prediction, cert.radius, cert.count_top, cert.n))
+    results = read_results(ours(tmp_path / "certify", 0.5, rows))
+    assert results.radius.tolist() == [r[2] for r in rows] and any(results.radius > 0)
+    assert with_alpha(results, 0.001).radius.tolist() == [r[2] for r in rows]
 
 
 def test_alpha_leaves_other_certifiers_and_cohen_files_alone(tmp_path: Path) -> None:
