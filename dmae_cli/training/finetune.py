@@ -1,4 +1,4 @@
-"""The fine-tuning stage: the noise-robust base classifier of the smoothed model (PAPER.md §2).
+"""The fine-tuning stage: the noise-robust base classifier of the smoothed model.
 
 `run_finetune(recipe)` is what `dmae finetune` calls. For every sigma of `finetune.sigma` it
 builds a `Classifier` (InputAdapter + ViT with global average pooling and `fc_norm`), starts it
@@ -7,132 +7,39 @@ Gaussian noise added in [0, 1] pixel space and consistency regularisation, and e
 and noisy accuracy on the test split. Each sigma writes `runs/<name>/finetune/sigma-<s>/`:
 config.yaml, metrics.jsonl, last.pth (+ checkpoint-NNNN.pth) and best.pth (by noisy accuracy);
 a rerun resumes. `--linear-probe` trains a BatchNorm + linear head on the frozen encoder's cls
-token with LARS, as MAE does, into `runs/<name>/linprobe/sigma-<s>/`.
+token with LARS, as MAE does, into `runs/<name>/linprobe/sigma-<s>/`. The method, with its
+published settings: docs/method.md, "Fine-tuning: the base classifier".
+
+The objective is in `training.objective`, the parameter groups (layer decay, the probe) in
+`training.param_groups`, timm's augmentation in `training.augment`; this module builds the
+model, evaluates it and keeps best.pth.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
-from timm.optim import Lars, param_groups_layer_decay
 
 from dmae_cli.api import DatasetInfo
-from dmae_cli.config.recipe import FinetuneConfig, OptimConfig, Recipe, recipe_to_yaml, sigma_name
+from dmae_cli.config.recipe import OptimConfig, Recipe, recipe_to_yaml, sigma_name
 from dmae_cli.data.loading import build_loader, load_dataset
-from dmae_cli.models.classifier import Classifier, build_classifier
+from dmae_cli.models.classifier import build_classifier
 from dmae_cli.models.spec import ModelSpec
 from dmae_cli.models.weights import load_encoder
 from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.precision import autocast_dtype
-from dmae_cli.training.trainer import Trainer
+from dmae_cli.training.augment import apply_timm_augmentation, warn_probe_ignores
+from dmae_cli.training.objective import build_objective
+from dmae_cli.training.param_groups import optimisation, prepare_probe
+from dmae_cli.training.trainer import EvalFn, Trainer
 
 BEST = "best.pth"
-# (lbd, eta) of PAPER.md §2 for the paper's sigmas; other sigmas use the rule of the nearest one
-# (below 0.75 the sigma <= 0.5 rule, from 0.75 up the sigma = 1.0 rule).
-PAPER_CONSISTENCY = {0.25: (2.0, 0.5), 0.5: (2.0, 0.5), 1.0: (2.0, 0.1)}
-AUGMENT_MIN_SIZE = 64  # RandAugment / random erasing are for ImageNet-size crops, not 8-32 px
-
-
-class ConfigIgnoredWarning(UserWarning):
-    """A recipe value that has no effect in this run."""
-
-
-def _ignored(message: str) -> None:
-    warnings.warn(message, ConfigIgnoredWarning, stacklevel=3)
-
-
-# -- the objective ---------------------------------------------------------------------------
-def consistency_defaults(sigma: float) -> tuple[float, float]:
-    """(lbd, eta) for `sigma`: PAPER.md §2's values, or those of the nearest paper sigma."""
-    nearest = min(PAPER_CONSISTENCY, key=lambda s: (abs(s - sigma), -s))
-    return PAPER_CONSISTENCY[nearest]
-
-
-def consistency_loss(logits: torch.Tensor, lbd: float, eta: float) -> torch.Tensor:
-    """Jeong & Shin (2020): lbd * mean_i KL(avg || p_i) + eta * H(avg), averaged over the batch.
-
-    logits: (m, B, C), the model's outputs on m independently noised copies of B images.
-    `avg` is the mean of the m softmax outputs; gradients flow through it, as in the original.
-    """
-    log_probs = F.log_softmax(logits.float(), dim=-1)  # (m, B, C)
-    # log(avg) from log-probabilities: finite (and so are its gradients) even where a softmax
-    # underflows to 0, which log(avg) of the averaged probabilities would not be.
-    log_avg = torch.logsumexp(log_probs, dim=0) - math.log(logits.shape[0])  # (B, C)
-    avg = log_avg.exp()
-    kl = (avg * (log_avg - log_probs)).sum(-1)  # KL(avg || p_i), shape (m, B)
-    entropy = -(avg * log_avg).sum(-1)
-    return lbd * kl.mean() + eta * entropy.mean()
-
-
-def noisy_copies(images: torch.Tensor, copies: int, sigma: float) -> torch.Tensor:
-    """(B, C, H, W) pixels -> (copies * B, C, H, W), copy-major, each with fresh N(0, sigma^2)
-    noise in [0, 1] pixel space at the images' own resolution (before the model's adapter)."""
-    repeated = images.repeat(copies, 1, 1, 1)
-    return repeated + sigma * torch.randn_like(repeated)
-
-
-@dataclass
-class Objective:
-    """Gaussian noise augmentation with consistency regularisation (PAPER.md §2)."""
-
-    sigma: float
-    num_noise: int = 2
-    consistency: bool = True
-    lbd: float = 2.0
-    eta: float = 0.5
-    label_smoothing: float = 0.0
-    mixup: Mixup | None = None  # mixup/cutmix (its label smoothing applies then)
-
-    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        images, labels = batch
-        targets = labels
-        if self.mixup is not None:
-            images, targets = self.mixup(images, labels)  # in place on the batch; soft targets
-        logits = model(noisy_copies(images, self.num_noise, self.sigma)).float()
-        targets = targets.repeat(self.num_noise, *([1] * (targets.dim() - 1)))
-        if self.mixup is not None:
-            loss = SoftTargetCrossEntropy()(logits, targets)
-        else:
-            loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-        if self.consistency and self.num_noise > 1:
-            per_copy = logits.view(self.num_noise, -1, logits.shape[-1])
-            loss = loss + consistency_loss(per_copy, self.lbd, self.eta)
-        return loss
-
-
-def build_objective(cfg: FinetuneConfig, sigma: float, num_classes: int) -> Objective:
-    """The recipe's objective at `sigma`; a linear probe keeps only noise and consistency."""
-    default_lbd, default_eta = consistency_defaults(sigma)
-    mixup = None
-    if not cfg.linear_probe and (cfg.mixup > 0 or cfg.cutmix > 0):
-        if cfg.batch_size % 2:
-            raise UserError(f"finetune.mixup/cutmix need an even batch_size, got {cfg.batch_size}")
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=num_classes,
-        )
-    return Objective(
-        sigma=sigma,
-        num_noise=cfg.num_noise,
-        consistency=cfg.consistency,
-        lbd=cfg.lbd if cfg.lbd is not None else default_lbd,
-        eta=cfg.eta if cfg.eta is not None else default_eta,
-        label_smoothing=0.0 if cfg.linear_probe else cfg.label_smoothing,
-        mixup=mixup,
-    )
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -172,99 +79,15 @@ def evaluate(
     return {"acc_clean": clean, "acc_noisy": noisy}
 
 
-# -- optimisation ----------------------------------------------------------------------------
-def layer_decay_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict[str, Any]]:
-    """timm's layer-wise lr decay groups for the ViT (stem, blocks, head), as MAE/BEiT."""
-    vit = model.vit
-    groups = param_groups_layer_decay(
-        vit,
-        weight_decay=cfg.weight_decay,
-        no_weight_decay_list=tuple(vit.no_weight_decay()),
-        layer_decay=cfg.layer_decay,
+def evaluator(recipe: Recipe, test_set: Any, sigma: float, device: torch.device) -> EvalFn:
+    """`evaluate` on the test split at `sigma`, as the trainer calls it after an epoch."""
+    cfg = recipe.finetune
+    batch_size = (cfg.probe if cfg.linear_probe else cfg).batch_size
+    loader = build_loader(test_set, recipe.data, batch_size, recipe.seed, train=False)
+    amp = autocast_dtype(recipe.precision, device, training=True)
+    return lambda model: evaluate(
+        model, loader, sigma, seed=recipe.seed, copies=cfg.eval_noise_copies, amp_dtype=amp
     )
-    # Head first: the trainer logs the lr of the first group, which should be the peak lr.
-    return sorted(groups, key=lambda g: -g["lr_scale"])
-
-
-def prepare_probe(model: Classifier) -> None:
-    """Freeze everything but the (BatchNorm +) linear head; initialise it as MAE's probe."""
-    model.requires_grad_(False)
-    linear = model.vit.head[-1]
-    linear.requires_grad_(True)
-    nn.init.trunc_normal_(linear.weight, std=0.01)
-    nn.init.zeros_(linear.bias)
-
-
-def probe_groups(model: Classifier, weight_decay: float) -> list[dict[str, Any]]:
-    """LARS groups as MAE's: matrices trust-ratio adapted, biases not, no decay on biases."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-
-
-def lars(momentum: float) -> Any:
-    def make(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-        for group in groups:
-            group["always_adapt"] = any(p.ndim > 1 for p in group["params"])
-        return Lars(groups, lr=lr, momentum=momentum)
-
-    return make
-
-
-# -- data ------------------------------------------------------------------------------------
-def apply_timm_augmentation(dataset: Any, cfg: FinetuneConfig, info: DatasetInfo) -> None:
-    """RandAugment and random erasing through timm's `create_transform`, as MAE fine-tuning.
-
-    They replace the data set's own training transform, which needs an ImageNet-size data set
-    that exposes one (`transform`); anywhere else the values are ignored with a warning.
-    """
-    if not cfg.auto_augment and cfg.reprob == 0:
-        return
-    if info.image_size < AUGMENT_MIN_SIZE or not hasattr(dataset, "transform"):
-        _ignored(
-            f"finetune.auto_augment / finetune.reprob are ignored: RandAugment and random "
-            f"erasing apply to ImageNet-size data sets (>= {AUGMENT_MIN_SIZE} px with a "
-            f"replaceable transform), this one delivers {info.image_size} px images"
-        )
-        return
-    dataset.transform = TimmTrainTransform(cfg, info)
-
-
-class TimmTrainTransform:
-    """MAE's fine-tuning augmentation (timm `create_transform`), delivering [0, 1] pixels.
-
-    timm normalises, and random erasing fills with N(0, 1) in that normalised space (as MAE);
-    the output is mapped back to pixels because our models take [0, 1] images and normalise
-    inside, so that noise is still added in pixel space. A class, not a closure, so that
-    DataLoader workers started by `spawn` can pickle it.
-    """
-
-    def __init__(self, cfg: FinetuneConfig, info: DatasetInfo) -> None:
-        from timm.data import create_transform
-
-        self.transform = create_transform(
-            input_size=info.image_size,
-            is_training=True,
-            color_jitter=None,
-            auto_augment=cfg.auto_augment,
-            interpolation="bicubic",
-            re_prob=cfg.reprob,
-            re_mode="pixel",
-            re_count=1,
-            mean=info.mean,
-            std=info.std,
-        )
-        self.mean = torch.tensor(info.mean).view(-1, 1, 1)
-        self.std = torch.tensor(info.std).view(-1, 1, 1)
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        if torch.is_tensor(image):  # an in-memory data set: timm's ops work on PIL images
-            from torchvision.transforms.functional import to_pil_image
-
-            image = to_pil_image(image)
-        return self.transform(image) * self.std + self.mean
 
 
 # -- one model per sigma ---------------------------------------------------------------------
@@ -379,24 +202,18 @@ def finetune_sigma(
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(recipe))
     keeper = BestKeeper(model, run_dir, spec, optim.epochs)
-    amp = autocast_dtype(recipe.precision, device, training=True)
-    test_loader = build_loader(test_set, recipe.data, optim.batch_size, recipe.seed, train=False)
-    objective = build_objective(cfg, sigma, info.num_classes)
+    groups, make_optimizer = optimisation(model, cfg)
     trainer = Trainer(
         model=distributed.wrap_ddp(model, device),  # DDP broadcasts rank 0's initial weights
-        loss_fn=objective,
+        loss_fn=build_objective(cfg, sigma, info.num_classes),
         loader=build_loader(train_set, recipe.data, optim.batch_size, recipe.seed),
         cfg=optim,
         run_dir=run_dir,
         device=device,
         precision=recipe.precision,
-        param_groups=(
-            probe_groups(model, optim.weight_decay) if probe else layer_decay_groups(model, cfg)
-        ),
-        make_optimizer=lars(cfg.probe.momentum) if probe else None,
-        eval_fn=lambda m: evaluate(
-            m, test_loader, sigma, seed=recipe.seed, copies=cfg.eval_noise_copies, amp_dtype=amp
-        ),
+        param_groups=groups,
+        make_optimizer=make_optimizer,
+        eval_fn=evaluator(recipe, test_set, sigma, device),
         eval_every=cfg.eval_every,
         checkpoint_meta=spec.to_dict(),
         on_checkpoint=keeper,
@@ -407,21 +224,6 @@ def finetune_sigma(
         keeper.restore()
     history = trainer.fit(stop_after=stop_after)
     return SigmaRun(sigma, run_dir, history, keeper.best or {})
-
-
-def _warn_probe_ignores(cfg: FinetuneConfig) -> None:
-    if not cfg.linear_probe:
-        return
-    unused = {
-        "mixup": cfg.mixup,
-        "cutmix": cfg.cutmix,
-        "label_smoothing": cfg.label_smoothing,
-        "auto_augment": cfg.auto_augment,
-        "reprob": cfg.reprob,
-    }
-    named = [f"finetune.{k}" for k, v in unused.items() if v]
-    if named:
-        _ignored(f"{', '.join(named)} ignored in linear probing (MAE's probe uses none of them)")
 
 
 def run_finetune(
@@ -436,7 +238,7 @@ def run_finetune(
     distributed.init_from_env(device)
     fresh = any(not (d / "last.pth").is_file() for d in run_dirs.values())
     init = resolve_init(recipe) if fresh else None
-    _warn_probe_ignores(cfg)
+    warn_probe_ignores(cfg)
     train_set = load_dataset(recipe, "train", augment=True)
     if not cfg.linear_probe:
         apply_timm_augmentation(train_set, cfg, train_set.info)
