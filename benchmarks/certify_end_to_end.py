@@ -66,7 +66,8 @@ from dmae_cli.data.loading import load_dataset
 from dmae_cli.models.classifier import load_classifier
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.smoothing.certify import run_certify
-from dmae_cli.smoothing.jobs import model_path, select_indices
+from dmae_cli.smoothing.found import model_path
+from dmae_cli.smoothing.jobs import select_indices
 from dmae_cli.smoothing.sampler import NoiseStream, example_generator
 
 REPO = Path(__file__).resolve().parents[1]

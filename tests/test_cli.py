@@ -236,11 +236,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter:
     return counts
 
 
-@pytest.mark.parametrize(
-    "config",
-    [True, pytest.param(False, marks=pytest.mark.xfail(strict=True, reason="read twice yet"))],
-    ids=["config-beside-the-model", "bare"],
-)
+@pytest.mark.parametrize("config", [True, False], ids=["config-beside-the-model", "bare"])
 @pytest.mark.parametrize("estimate", [False, True], ids=["certify", "estimate"])
 def test_certify_reads_the_recipe_and_the_checkpoint_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reads: Counter, config: bool, estimate: bool

@@ -206,7 +206,7 @@ def find_model(args: argparse.Namespace, work: Path) -> Path:
     `dmae certify` without a recipe finds it), else a short fine-tuning run made here."""
     from dmae_cli.config.recipe import sigma_name
     from dmae_cli.runtime.errors import UserError
-    from dmae_cli.smoothing.jobs import latest_model
+    from dmae_cli.smoothing.found import latest_model
 
     if args.checkpoint is not None:
         return args.checkpoint

@@ -88,11 +88,11 @@ def certify(
     found = resolve_recipe(path, overrides or [], settings)
     cfg = found.recipe
     if estimate:
-        estimates = estimate_certify(cfg, out=out)
+        estimates = estimate_certify(cfg, out=out, loaded=found.loaded)
         if distributed.is_main():
             show_estimate(estimates, cfg.certify)
         return
-    results = run_certify(cfg, out=out)
+    results = run_certify(cfg, out=out, loaded=found.loaded)
     if distributed.is_main():
         show_certified(results, cfg.certify)
 

@@ -65,14 +65,16 @@ def build_classifier(spec: ModelSpec | Mapping[str, Any], drop_path: float = 0.0
 
 
 def load_classifier(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", state: dict[str, Any] | None = None
 ) -> tuple[Classifier, ModelSpec]:
     """A classifier written by `dmae finetune`, in eval mode on `device`, and its spec.
 
     The checkpoint describes its own model (`meta`), so nothing else is needed; any file that
     is not such a classifier fails with one `UserError` line saying what it is instead.
+    `state` is the file's contents when the caller has read it already (it is not read again).
     """
-    state = checkpoint.load_checkpoint(path)
+    if state is None:
+        state = checkpoint.load_checkpoint(path)
     meta = state.get("meta")
     wanted = "a classifier from 'dmae finetune' (runs/<name>/finetune/sigma-<s>/best.pth)"
     if not isinstance(meta, dict) or not isinstance(state.get("model"), dict):

@@ -24,8 +24,10 @@ sample of noisy forward passes on each and projects the cost of what is left, wr
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.progress import TextColumn
 
@@ -70,9 +72,13 @@ class SigmaResult:
         return sum(r.n + r.n0 for r in self.rows) / len(self.rows) if self.rows else 0.0
 
 
-def run_certify(recipe: Recipe, out: Path | None = None) -> list[SigmaResult]:
-    """Certify the recipe's split at every sigma of `recipe.certify`; resumes what exists."""
-    indices, out_dir, jobs = prepare(recipe, out)
+def run_certify(
+    recipe: Recipe, out: Path | None = None, loaded: Mapping[Path, dict[str, Any]] | None = None
+) -> list[SigmaResult]:
+    """Certify the recipe's split at every sigma of `recipe.certify`; resumes what exists.
+
+    `loaded`: checkpoints already read, by resolved path (`Found.loaded`), not read again."""
+    indices, out_dir, jobs = prepare(recipe, out, loaded)
     return [certify_sigma(job, indices, out_dir) for job in jobs]
 
 

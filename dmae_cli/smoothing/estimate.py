@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,14 +58,18 @@ class SigmaEstimate:
 
 
 def estimate_certify(
-    recipe: Recipe, out: Path | None = None, seconds: float | None = None
+    recipe: Recipe,
+    out: Path | None = None,
+    seconds: float | None = None,
+    loaded: Mapping[Path, dict[str, Any]] | None = None,
 ) -> list[SigmaEstimate]:
     """What `run_certify` would cost, from a short timed sample; writes and changes nothing.
 
-    `seconds` of timed sampling per sigma, after a warm-up (default ESTIMATE_SECONDS).
+    `seconds` of timed sampling per sigma, after a warm-up (default ESTIMATE_SECONDS);
+    `loaded`: checkpoints already read, by resolved path (`Found.loaded`), not read again.
     """
     timed = ESTIMATE_SECONDS if seconds is None else seconds
-    indices, out_dir, jobs = prepare(recipe, out)
+    indices, out_dir, jobs = prepare(recipe, out, loaded)
     return [estimate_sigma(job, indices, out_dir, timed) for job in jobs]
 
 

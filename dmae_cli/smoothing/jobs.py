@@ -9,11 +9,9 @@ examples into it, and resuming, to `dmae_cli.smoothing.certify`.
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
-import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,15 +22,16 @@ import torch.nn as nn
 
 from dmae_cli import __version__
 from dmae_cli.api import Certifier, CertifyRequest, CountsFn, DatasetInfo
-from dmae_cli.config.recipe import CertifyConfig, Recipe, load_recipe, sigma_name
+from dmae_cli.config.recipe import CertifyConfig, Recipe
 from dmae_cli.data.loading import load_dataset
 from dmae_cli.models.classifier import load_classifier
-from dmae_cli.models.spec import ModelSpec, recorded
+from dmae_cli.models.spec import ModelSpec
 from dmae_cli.plugins import registry
 from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.precision import autocast_dtype
+from dmae_cli.smoothing.found import model_path
 from dmae_cli.smoothing.interleave import certify_together
 from dmae_cli.smoothing.runfile import COLUMNS, FORMAT, Row
 from dmae_cli.smoothing.sampler import (
@@ -42,8 +41,6 @@ from dmae_cli.smoothing.sampler import (
     example_generator,
     is_auto_batch,
 )
-
-MODEL_FILES = ("best.pth", "last.pth")
 
 
 # -- what to certify with ------------------------------------------------------------------
@@ -79,95 +76,16 @@ def build_certifier(cfg: CertifyConfig) -> Certifier:
     return certifier
 
 
-def model_path(recipe: Recipe, sigma: float) -> Path:
-    """`certify.checkpoint`, else the run's fine-tuned model for `sigma` (best, else last)."""
-    if recipe.certify.checkpoint:
-        return Path(recipe.certify.checkpoint)
-    run = recipe.stage_dir("finetune") / sigma_name(sigma)
-    for name in MODEL_FILES:
-        if (run / name).is_file():
-            return run / name
-    raise UserError(
-        f"no fine-tuned model for sigma {sigma}: {run / MODEL_FILES[0]} not found; run "
-        f"'dmae finetune' for this recipe and sigma first, or pass --checkpoint"
-    )
-
-
-def latest_model(runs_dir: Path, sigma: float) -> Path:
-    """The most recently written fine-tuned model for `sigma` under `runs_dir` (any run)."""
-    found = []
-    for run in runs_dir.glob(f"*/finetune/{sigma_name(sigma)}"):
-        files = [run / name for name in MODEL_FILES if (run / name).is_file()]
-        if files:
-            found.append(files[0])
-    if not found:
-        raise UserError(
-            f"no fine-tuned model for sigma {sigma} under {runs_dir}/*/finetune/; give a "
-            f"recipe (dmae certify recipes/digits.yaml --sigma {sigma}) or --checkpoint"
-        )
-    return max(found, key=lambda p: p.stat().st_mtime)
-
-
-def resolve_recipe(path: Path | None, overrides: Sequence[str]) -> Recipe:
-    """The recipe `dmae certify` runs: the file given, or else that of the model it certifies.
-
-    Without a file, the model is `certify.checkpoint` or the latest fine-tuned one for the
-    first sigma under runs_dir, and the recipe is the `config.yaml` saved next to it (its run
-    directory pinned to where the model was found); a bare checkpoint gets the defaults with
-    the data set its meta names.
-    """
-    if path is not None:
-        return load_recipe(path, overrides)
-    base = load_recipe(None, overrides)
-    explicit = base.certify.checkpoint
-    model = Path(explicit) if explicit else latest_model(Path(base.runs_dir), base.certify.sigma[0])
-    # A found model lies at runs/<name>/finetune/sigma-<s>/: point the recipe there, so that
-    # every sigma's model and the output directory come from the same run.
-    found = [
-        f"runs_dir={json.dumps(str(model.parents[3]))}",
-        f"name={json.dumps(model.parents[2].name)}",
-    ]
-    pinned = [] if explicit else found
-    config = model.parent / "config.yaml"
-    if config.is_file():
-        recipe = load_recipe(config, [*pinned, *overrides])
-        refuse_untyped_sources(recipe, overrides, config)
-        return recipe
-    meta = checkpoint.load_checkpoint(model).get("meta")
-    data = {
-        "data.dataset": recorded(meta, "dataset"),
-        "data.image_size": recorded(meta, "input_size"),
-    }
-    items = [f"{key}={json.dumps(value)}" for key, value in data.items() if value is not None]
-    return load_recipe(None, [*items, *pinned, *overrides])
-
-
-# A `pipe:` command or a URL (webdataset opens `http://...` through a shell command too).
-COMMAND_OR_URL = re.compile(r"pipe:|://", re.IGNORECASE)
-
-
-def refuse_untyped_sources(recipe: Recipe, overrides: Sequence[str], found: Path) -> None:
-    """A config.yaml found beside a checkpoint is a data file, perhaps a stranger's: it may
-    not make dmae run a command or open a URL. The user may, by typing the key in --set."""
-    typed = [item.split("=", 1)[0].strip() for item in overrides]
-    sources = {"data.root": recipe.data.root}
-    sources.update({f"data.options.{k}": v for k, v in recipe.data.options.items()})
-    for key, value in sources.items():
-        texts = value if isinstance(value, list) else [value]
-        if not any(isinstance(t, str) and COMMAND_OR_URL.search(t) for t in texts):
-            continue
-        if not any(key == t or key.startswith(t + ".") for t in typed):
-            raise UserError(
-                f"{found} (found beside the checkpoint) sets {key} to a command or URL; "
-                f"give a recipe, or set it yourself with --set {key}=..."
-            )
-
-
 def load_model(
-    path: Path, info: DatasetInfo, dataset: str, device: torch.device
+    path: Path,
+    info: DatasetInfo,
+    dataset: str,
+    device: torch.device,
+    state: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelSpec]:
-    """The classifier at `path`, checked against the data it is about to certify."""
-    model, spec = load_classifier(path, device)
+    """The classifier at `path` (its contents `state`, if already read), checked against the
+    data it is about to certify."""
+    model, spec = load_classifier(path, device, state)
     shape = (spec.channels, spec.input_size, spec.num_classes)
     if shape != (info.channels, info.image_size, info.num_classes):
         raise UserError(
@@ -232,12 +150,15 @@ def make_header(
     }
 
 
-def prepare(recipe: Recipe, out: Path | None) -> tuple[list[int], Path, Iterator[Job]]:
+def prepare(
+    recipe: Recipe, out: Path | None, loaded: Mapping[Path, dict[str, Any]] | None = None
+) -> tuple[list[int], Path, Iterator[Job]]:
     """The selected indices, the output directory and, lazily, one job per sigma.
 
     Everything that can fail for all sigmas at once (certifier, device, data, selection, a
     missing model) fails here, before any model is loaded; each job loads its model when
-    reached, so only one is in memory at a time.
+    reached, so only one is in memory at a time. `loaded` holds checkpoints already read
+    (by resolved path, `Found.loaded`), which are used instead of reading them again.
     """
     cfg = recipe.certify
     certifier = build_certifier(cfg)  # an unknown name fails before any model is loaded
@@ -247,10 +168,12 @@ def prepare(recipe: Recipe, out: Path | None) -> tuple[list[int], Path, Iterator
     indices = select_indices(cfg, len(dataset), cfg.split)
     out_dir = Path(out) if out is not None else recipe.stage_dir("certify")
     paths = {sigma: model_path(recipe, sigma) for sigma in cfg.sigma}  # all found, or none run
+    states = dict(loaded or {})
 
     def jobs() -> Iterator[Job]:
         for sigma, path in paths.items():
-            model, spec = load_model(path, dataset.info, recipe.data.dataset, device)
+            state = states.pop(path.resolve(), None)  # handed over once, then freed
+            model, spec = load_model(path, dataset.info, recipe.data.dataset, device, state)
             if spec.sigma not in (None, sigma):
                 ui.info(f"note: {path} was fine-tuned at sigma {spec.sigma}, certifying at {sigma}")
             sampler = build_sampler(recipe, model, sigma, dataset.info, device)
