@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeGuard
 
 from dmae_cli import __version__
 from dmae_cli.api import DatasetInfo
@@ -189,19 +189,19 @@ class _Field:
 Reader = Callable[[object, dict[str, Any], _Field], Any]
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _int(low: int, high: int) -> Reader:
     def read(value: object, _: dict[str, Any], f: _Field) -> int:
-        if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
+        if not _is_int(value) or not low <= value <= high:
             raise f.fail(f"an integer from {low} to {high}")
-        return int(value)  # type: ignore[arg-type]
+        return int(value)
 
     return read
 
@@ -231,14 +231,15 @@ def _flag(value: object, _: dict[str, Any], f: _Field) -> bool:
 def _per_channel(positive: bool) -> Reader:
     def read(value: object, seen: dict[str, Any], f: _Field) -> tuple[float, ...]:
         kind = "positive numbers" if positive else "numbers"
-        if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+        if not isinstance(value, (list, tuple)):
             raise f.fail(f"a list of finite {kind}")
-        if positive and not all(v > 0 for v in value):  # type: ignore[operator]
+        numbers = [float(v) for v in value if _is_number(v)]
+        if len(numbers) != len(value) or (positive and not all(v > 0 for v in numbers)):
             raise f.fail(f"a list of finite {kind}")
         channels = seen.get("channels")
-        if channels is not None and len(value) != channels:
+        if channels is not None and len(numbers) != channels:
             raise f.fail(f"{channels} value{'s' if channels != 1 else ''} (one per channel)")
-        return tuple(float(v) for v in value)  # type: ignore[arg-type]
+        return tuple(numbers)
 
     return read
 
@@ -261,7 +262,7 @@ def _plain_option(value: object) -> bool:
     if value is None or isinstance(value, (bool, str)):
         return True
     if _is_int(value):
-        return abs(value) <= MAX_OPTION_INT  # type: ignore[arg-type]
+        return abs(value) <= MAX_OPTION_INT
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, (list, tuple)):
@@ -272,18 +273,18 @@ def _plain_option(value: object) -> bool:
 
 
 def _sigma(value: object, _: dict[str, Any], f: _Field) -> float:
-    if not _is_number(value) or value < 0:  # type: ignore[operator]
+    if not _is_number(value) or value < 0:
         raise f.fail("a finite number >= 0")
-    return float(value)  # type: ignore[arg-type]
+    return float(value)
 
 
 def _pool(value: object, _: dict[str, Any], f: _Field) -> str:
-    if value not in GLOBAL_POOLS:
+    if not isinstance(value, str) or value not in GLOBAL_POOLS:
         raise f.fail(f"one of {', '.join(repr(p) for p in GLOBAL_POOLS)}")
-    return value  # type: ignore[return-value]
+    return value
 
 
-def _decoder(value: object, seen: dict[str, Any], f: _Field) -> DecoderSpec:
+def _decoder(value: object, _: dict[str, Any], f: _Field) -> DecoderSpec:
     keys = ("embed_dim", "depth", "num_heads")
     if not isinstance(value, Mapping) or not all(
         _is_int(value.get(k)) and 1 <= value[k] <= MAX_OPTION_INT for k in keys
@@ -292,12 +293,12 @@ def _decoder(value: object, seen: dict[str, Any], f: _Field) -> DecoderSpec:
     return DecoderSpec(*(int(value[k]) for k in keys))
 
 
-def _version(value: object, seen: dict[str, Any], f: _Field) -> int:
-    if not _is_int(value) or value < 0:  # type: ignore[operator]
+def _version(value: object, _: dict[str, Any], f: _Field) -> int:
+    if not _is_int(value) or value < 0:
         raise f.fail("a version number")
-    if value > SPEC_VERSION:  # type: ignore[operator]
+    if value > SPEC_VERSION:
         raise f.fail(f"a spec version up to {SPEC_VERSION}: written by a newer dmae; upgrade dmae")
-    return int(value)  # type: ignore[arg-type]
+    return int(value)
 
 
 # In reading order: a field's bounds may depend on those read before it.
