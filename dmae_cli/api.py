@@ -148,10 +148,12 @@ class CertifierFactory(Protocol):
 # every command reads the plugin contracts, few compute a bound. The quantiles are scipy's
 # special functions, the numbers `scipy.stats.beta.ppf` and `norm.ppf` compute underneath,
 # without the distribution objects' argument handling (about 60 times faster per call).
-Bound = TypeVar("Bound", float, np.ndarray)
+FloatOrArray = TypeVar("FloatOrArray", float, np.ndarray)
 
 
-def clopper_pearson_lower(successes: Bound, trials: Bound, alpha: float) -> Bound:
+def clopper_pearson_lower(
+    successes: FloatOrArray, trials: FloatOrArray, alpha: float
+) -> FloatOrArray:
     """The one-sided (1 - alpha) Clopper-Pearson lower bound on a binomial probability p.
 
     From `successes` k of `trials` n: the Beta(alpha; k, n - k + 1) quantile, i.e. statsmodels'
@@ -170,7 +172,7 @@ def clopper_pearson_lower(successes: Bound, trials: Bound, alpha: float) -> Boun
         return np.where(k > 0, betaincinv(np.maximum(k, 1), trials - k + 1, alpha), 0.0)
 
 
-def gaussian_radius(sigma: float, p_lower: Bound) -> Bound:
+def gaussian_radius(sigma: float, p_lower: FloatOrArray) -> FloatOrArray:
     """The L2 radius that `p_lower` certifies under N(0, sigma^2 I) noise; NaN below 1/2.
 
     When the smoothed classifier's top class has probability at least p_lower >= 1/2, its
@@ -192,13 +194,14 @@ class CohenBound(NamedTuple):
     radius: Any  # gaussian_radius(sigma, pa_lower): NaN where pa_lower < 1/2 (abstain)
 
 
-def cohen_bound(sigma: float, count_top: Bound, n: Bound, alpha: float) -> CohenBound:
+def cohen_bound(sigma: float, count_top: FloatOrArray, n: FloatOrArray, alpha: float) -> CohenBound:
     """Cohen et al.'s certificate from `count_top` votes for the selected class among `n` noisy
     copies (fresh ones, not those that selected it) at confidence 1 - alpha.
 
-    pA_lower = `clopper_pearson_lower(count_top, n, alpha)`; radius = sigma * PhiInverse(
-    pA_lower), NaN (abstain) where pA_lower < 1/2. The `cohen` certifier and `dmae report
-    --alpha` both compute their radii here.
+    pA_lower = `clopper_pearson_lower(count_top, n, alpha)` and radius = `gaussian_radius(sigma,
+    pA_lower)`, NaN (abstain) where pA_lower < 1/2. The `cohen` certifier and `dmae report
+    --alpha` both compute their radii here, so a recomputed radius is the certifier's, bit for
+    bit, at the same alpha.
     """
     pa_lower = clopper_pearson_lower(count_top, n, alpha)
     return CohenBound(pa_lower, gaussian_radius(sigma, pa_lower))
