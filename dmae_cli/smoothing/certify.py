@@ -2,9 +2,10 @@
 
 `run_certify(recipe)` is what `dmae certify` calls. What it certifies comes from
 `dmae_cli.smoothing.jobs`: for each sigma of `recipe.certify`, the fine-tuned classifier
-(`certify.checkpoint`, else runs/<name>/finetune/sigma-<s>/best.pth, else last.pth), the
-examples of the split (`start`, `end`, `interval`, `max_examples`), the certifier plugin named
-by the recipe and the `Sampler` it draws noisy copies through. Where the rows go and how they
+(`certify.checkpoint`, else runs/<name>/finetune/sigma-<s>/best.pth, else last.pth, as
+`dmae_cli.smoothing.found` finds it), the examples of the split (`start`, `end`, `interval`,
+`max_examples`), the certifier plugin named by the recipe and the `Sampler` it draws noisy
+copies through. Where the rows go and how they
 are written is `dmae_cli.smoothing.runfile`'s: per sigma a TSV of one row per example, sorted
 by idx, with the raw counts behind each radius, and a JSON header beside it, in
 runs/<name>/certify/ unless `--out` says otherwise. This module drives the writing.

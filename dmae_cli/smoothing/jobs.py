@@ -1,9 +1,11 @@
-"""What a certification runs on: the recipe and models it finds, the examples it selects, the
-certifier and sampler it builds, and one `Job` per sigma tying them together.
+"""What a certification runs on: the examples it selects, the certifier and sampler it builds,
+each sigma's model loaded and checked against the data, and one `Job` per sigma tying them
+together.
 
-A job also carries what goes into its run file's JSON header (`make_header`). The run file's
-format, its reading and writing belong to `dmae_cli.smoothing.runfile`; certifying the jobs'
-examples into it, and resuming, to `dmae_cli.smoothing.certify`.
+Which recipe and which model files are certified is `dmae_cli.smoothing.found`'s. A job also
+carries what goes into its run file's JSON header (`make_header`); the run file's format, its
+reading and writing belong to `dmae_cli.smoothing.runfile`, and certifying the jobs' examples
+into it, resuming, to `dmae_cli.smoothing.certify`.
 """
 
 from __future__ import annotations
