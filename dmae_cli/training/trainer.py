@@ -247,6 +247,13 @@ def _updates(loader: DataLoader, updates: int, accum: int) -> Iterator[Iterator[
 
 
 def _take(loader: DataLoader, count: int) -> Iterator[Any]:
+    """The loader's first `count` batches.
+
+    When the loader holds more (a remainder of accumulation) this reads one batch past them
+    before it stops. That read is kept on purpose: without loader workers the batch's
+    augmentation draws from the global RNG that the next epoch continues from, so dropping it
+    would change every later loss of such runs.
+    """
     for i, batch in enumerate(loader):
         if i >= count:
             return
