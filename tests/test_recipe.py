@@ -116,3 +116,26 @@ def test_non_finite_numbers_are_refused() -> None:
     for text in (".nan", ".inf", "-.inf"):
         with pytest.raises(RecipeError, match="pretrain.lr: expected a finite number"):
             load_recipe(None, [f"pretrain.lr={text}"])
+
+
+def test_typed_values_come_last_and_are_checked_as_yaml_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "certify: {n: 5, n0: 4}\n")
+    typed = {"certify.n": 7, "certify.alpha": 1e-05, "certify.sigma": [0.5, 0.25], "seed": 3}
+    recipe = load_recipe(path, ["certify.n=6", "certify.n0=3"], typed)
+    assert (recipe.certify.n, recipe.certify.n0) == (7, 3)  # typed > --set > file
+    assert recipe.certify.alpha == 1e-05 and recipe.certify.sigma == (0.5, 0.25)
+    assert recipe.seed == 3 and recipe.name == "r"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [], {"certify.alpha": 1.5})
+    assert str(err.value) == f"{path}: certify.alpha: expected a number in (0.0, 1.0), got 1.5"
+    with pytest.raises(RecipeError, match=r"certify.n: expected an integer, got 2.5"):
+        load_recipe(None, [], {"certify.n": 2.5})
+
+
+def test_recipe_options_are_the_flagged_fields_in_declaration_order() -> None:
+    from dmae_cli.config.recipe import recipe_options
+
+    keys = [option.key for option in recipe_options("certify", "seed")]
+    assert keys[:2] == ["certify.sigma", "certify.certifier"] and keys[-1] == "seed"
+    assert "certify.radii" not in keys  # a field without a flag is set in the recipe only
+    assert [o.flag.names for o in recipe_options("certify.n")] == [("--n", "-n")]

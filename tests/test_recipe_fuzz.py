@@ -8,7 +8,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmae_cli.config.recipe import Recipe, RecipeError, load_recipe
+from dmae_cli.config.recipe import Recipe, RecipeError, load_recipe, recipe_options
 
 KEYS = [
     "name",
@@ -79,3 +79,12 @@ def test_any_text_file(tmp_path: Path, text: str) -> None:
     path = tmp_path / "fuzz.yaml"
     path.write_text(text, encoding="utf-8")
     check(lambda: load_recipe(path))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.sampled_from([o.key for o in recipe_options("certify", "finetune", "seed")]),
+    value=documents,
+)
+def test_any_typed_value(key: str, value: object) -> None:
+    check(lambda: load_recipe(None, [], {key: value}))

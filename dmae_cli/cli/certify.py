@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,6 +13,11 @@ from dmae_cli.cli.base import OutOpt, SetOpt, app, user_errors
 from dmae_cli.cli.options import recipe_options
 from dmae_cli.runtime import ui
 from dmae_cli.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    from dmae_cli.config.recipe import CertifyConfig
+    from dmae_cli.smoothing.certify import SigmaResult
+    from dmae_cli.smoothing.estimate import SigmaEstimate
 
 SIGMA = "certify.sigma"
 
@@ -121,7 +126,7 @@ def recipe_and_sigmas(
     return path, [*sigmas, *more]
 
 
-def show_estimate(estimates: list[Any], cfg: Any) -> None:
+def show_estimate(estimates: list[SigmaEstimate], cfg: CertifyConfig) -> None:
     """The projected noisy passes and wall time per sigma (stdout); how they were measured."""
     from dmae_cli.smoothing.estimate import estimate_notes, format_duration
 
@@ -154,7 +159,7 @@ def show_estimate(estimates: list[Any], cfg: Any) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
 
-def show_certified(results: list[Any], cfg: Any) -> None:
+def show_certified(results: list[SigmaResult], cfg: CertifyConfig) -> None:
     """Certified accuracy by radius, one column per sigma (stdout); the files (stderr)."""
     table = Table(title="certified accuracy (%)")
     table.add_column("radius", justify="right")

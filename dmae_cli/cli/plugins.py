@@ -43,33 +43,31 @@ def plugins(
 
       DMAE_PLUGINS=builtin dmae plugins --json
     """
-    rows = [_plugin_row(entry, reg) for reg in registry.REGISTRIES.values() for entry in reg]
+    rows = [plugin_row(entry, reg) for reg in registry.REGISTRIES.values() for entry in reg]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
-        table = Table(title="dmae plugins")
-        columns = ("kind", "name", "distribution", "version", "origin", "status", "description")
-        for column in columns:
-            table.add_column(column)
-        for r in rows:
-            status = "[green]ok[/]" if r["ok"] else "[red]failed[/]"
-            table.add_row(
-                r["kind"],
-                r["name"],
-                r["distribution"],
-                r["version"],
-                r["origin"],
-                status,
-                escape(r["description"]),
-            )
-        Console().print(table)
+        Console().print(plugin_table(rows))
     failed = [f"{r['kind']} {r['distribution']}:{r['name']}" for r in rows if not r["ok"]]
     if check and failed:
         ui.console.print(f"[bold red]{len(failed)} plugin(s) failed:[/] {', '.join(failed)}")
         raise typer.Exit(1)
 
 
-def _plugin_row(entry: registry.PluginEntry, reg: registry.Registry[Any]) -> dict[str, Any]:
+def plugin_table(rows: list[dict[str, Any]]) -> Table:
+    """The rows as a table, the status in colour."""
+    table = Table(title="dmae plugins")
+    for column in ("kind", "name", "distribution", "version", "origin", "status", "description"):
+        table.add_column(column)
+    for r in rows:
+        status = "[green]ok[/]" if r["ok"] else "[red]failed[/]"
+        cells = (r["kind"], r["name"], r["distribution"], r["version"], r["origin"])
+        table.add_row(*cells, status, escape(r["description"]))
+    return table
+
+
+def plugin_row(entry: registry.PluginEntry, reg: registry.Registry[Any]) -> dict[str, Any]:
+    """One plugin: where it comes from and the first line of its docstring, or why it fails."""
     ok = True
     try:
         doc = (entry.load().__doc__ or "").strip().splitlines()

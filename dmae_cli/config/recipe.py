@@ -17,7 +17,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -155,6 +155,7 @@ def _checked(
 
 
 def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
+    """`value` as type `tp` (a dataclass is built, a tuple from a list), or `RecipeError`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
 
@@ -188,6 +189,10 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         if not isinstance(value, dict):
             raise fail("a mapping")
         return dict(value)
+    return _convert_scalar(tp, value, path, fail)
+
+
+def _convert_scalar(tp: Any, value: Any, path: str, fail: Callable[[str], RecipeError]) -> Any:
     if tp is bool:
         if not isinstance(value, bool):
             raise fail("true or false")
@@ -211,9 +216,7 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         return value
     if tp is Any:
         return value
-    raise TypeError(
-        f"recipe field {path} has an unsupported type {tp!r}"
-    )  # our bug, not the user's
+    raise TypeError(f"recipe field {path} has an unsupported type {tp!r}")  # our bug
 
 
 def _looks_like_number(text: str) -> bool:
@@ -279,7 +282,10 @@ def _replace_at(config: Any, parts: list[str], value: Any, source: str, key: str
 
 
 def _field(cls: type, name: str) -> dataclasses.Field[Any]:
-    return next(f for f in dataclasses.fields(cls) if f.name == name)
+    for spec in dataclasses.fields(cls):
+        if spec.name == name:
+            return spec
+    raise KeyError(f"{cls.__name__} has no field '{name}'")  # our bug, not the user's
 
 
 # -- saving -------------------------------------------------------------------------------------
