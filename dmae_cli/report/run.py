@@ -1,19 +1,10 @@
 """The report stage: per-example certification results in, certified-accuracy tables out.
 
-`report_inputs` reads the per-example TSV files (of `dmae certify` or Cohen et al.'s tools);
-this module computes per file (PAPER.md §3):
-
-- certified accuracy at radius r: the fraction of examples predicted correctly with a certified
-  radius >= r (an abstention is never correct), with a two-sided Clopper-Pearson interval,
-  because the examples are a sample of the test distribution;
-- approximate certified accuracy at r = 0 (the smoothed classifier's clean accuracy), the
-  average certified radius (ACR: radius of the correct predictions averaged over all examples),
-  the abstention rate and the number of examples;
-- optionally the radii under another confidence level `alpha` (`report_inputs.with_alpha`).
-
-Files of one run are combined into the envelope: the best certified accuracy over sigma at each
-radius, the convention of the published tables. `report_formats` turns a `Report` into a rich
-table, markdown, LaTeX, CSV or JSON, optionally beside the published rows of PAPER.md §4.
+`run_report` is what `dmae report` does: `report.inputs` reads the per-example TSV files (of
+`dmae certify` or Cohen et al.'s tools), `report.tables` computes certified accuracy per file
+and the envelope over sigma per run, `report.formats` renders the rich table, markdown, LaTeX,
+CSV or JSON (optionally beside the published rows of `report/published.yaml`) and
+`report.plots` draws the curves. This module holds the options and writes the files.
 """
 
 from __future__ import annotations

@@ -1,5 +1,18 @@
-"""Certified accuracy from per-example results: per file, at each radius, with a confidence
-interval, and the envelope over sigma per run. The numbers every report format shows."""
+"""Certified accuracy from per-example results: the numbers every report format shows.
+
+Per file (the definitions of docs/method.md, "Certification"):
+
+- certified accuracy at radius r: the fraction of examples predicted correctly with a certified
+  radius >= r (an abstention is never correct), with a two-sided Clopper-Pearson interval,
+  because the examples are a sample of the test distribution;
+- approximate certified accuracy at r = 0 (the smoothed classifier's clean accuracy), the
+  average certified radius (ACR: radius of the correct predictions averaged over all examples),
+  the abstention rate and the number of examples;
+- optionally the radii under another confidence level `alpha` (`report.inputs.with_alpha`).
+
+Files of one run are combined into the envelope: the best certified accuracy over sigma at each
+radius, the convention of the published tables.
+"""
 
 from __future__ import annotations
 
