@@ -51,6 +51,7 @@ from dmae_cli.plugins import registry
 from dmae_cli.runtime import ui
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
+from dmae_cli.runtime.lock import run_lock
 
 _UNITS = {
     "": 1,
@@ -217,9 +218,16 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     """Write the shards and the manifest (resuming an interrupted run); return where they are."""
     check_config(cfg)
     source, image_size = load_source(cfg)
-    info = source.info
     length = source_length(source, cfg.dataset)
     prefix = resolve_prefix(cfg.out, cfg.dataset, cfg.split)
+    with run_lock(prefix.parent, f".{prefix.name}.lock", what=f"{prefix}-*"):
+        return _shard(cfg, source, image_size, length, prefix)
+
+
+def _shard(
+    cfg: ShardConfig, source: Any, image_size: int, length: int, prefix: Path
+) -> ShardResult:
+    info = source.info
     prefix.parent.mkdir(parents=True, exist_ok=True)
     manifest_file = manifest_path(prefix)
     config = settings(cfg, image_size, info.fingerprint)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ from rich.progress import TextColumn
 from dmae_cli.config.recipe import Recipe, sigma_name
 from dmae_cli.runtime import distributed, ui
 from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
-from dmae_cli.smoothing.jobs import Job, prepare
+from dmae_cli.runtime.lock import run_lock
+from dmae_cli.smoothing.jobs import Job, certify_dir, prepare
 from dmae_cli.smoothing.runfile import (
     Row,
     RowFile,
@@ -79,8 +81,12 @@ def run_certify(
     """Certify the recipe's split at every sigma of `recipe.certify`; resumes what exists.
 
     `loaded`: checkpoints already read, by resolved path (`Found.loaded`), not read again."""
-    indices, out_dir, jobs = prepare(recipe, out, loaded)
-    return [certify_sigma(job, indices, out_dir) for job in jobs]
+    with ExitStack() as locks:  # each sigma's run file, one writer at a time
+        for sigma in recipe.certify.sigma:
+            tsv = tsv_path(certify_dir(recipe, out), sigma)
+            locks.enter_context(run_lock(tsv.parent, f".{tsv.name}.lock", what=str(tsv)))
+        indices, out_dir, jobs = prepare(recipe, out, loaded)
+        return [certify_sigma(job, indices, out_dir) for job in jobs]
 
 
 def certify_sigma(job: Job, indices: list[int], out_dir: Path) -> SigmaResult:

@@ -152,6 +152,11 @@ def make_header(
     }
 
 
+def certify_dir(recipe: Recipe, out: Path | None) -> Path:
+    """Where the run files go: `--out`, else runs/<name>/certify/."""
+    return Path(out) if out is not None else recipe.stage_dir("certify")
+
+
 def prepare(
     recipe: Recipe, out: Path | None, loaded: Mapping[Path, dict[str, Any]] | None = None
 ) -> tuple[list[int], Path, Iterator[Job]]:
@@ -168,7 +173,7 @@ def prepare(
     distributed.init_from_env(device)
     dataset = load_dataset(recipe, cfg.split, augment=False)
     indices = select_indices(cfg, len(dataset), cfg.split)
-    out_dir = Path(out) if out is not None else recipe.stage_dir("certify")
+    out_dir = certify_dir(recipe, out)
     paths = {sigma: model_path(recipe, sigma) for sigma in cfg.sigma}  # all found, or none run
     states = dict(loaded or {})
 

@@ -17,6 +17,7 @@ model, evaluates it and keeps best.pth.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from dmae_cli.models.weights import load_encoder
 from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.lock import run_lock
 from dmae_cli.runtime.precision import autocast_dtype
 from dmae_cli.training.augment import apply_timm_augmentation, warn_probe_ignores
 from dmae_cli.training.objective import build_objective
@@ -234,6 +236,16 @@ def run_finetune(
     stage = "linprobe" if cfg.linear_probe else "finetune"
     base = Path(out) if out is not None else recipe.stage_dir(stage)
     run_dirs = {s: base / sigma_name(s) for s in dict.fromkeys(cfg.sigma)}
+    with ExitStack() as locks:
+        for run_dir in run_dirs.values():
+            locks.enter_context(run_lock(run_dir))
+        return _finetune(recipe, run_dirs, stop_after)
+
+
+def _finetune(
+    recipe: Recipe, run_dirs: dict[float, Path], stop_after: int | None
+) -> list[SigmaRun]:
+    cfg = recipe.finetune
     device = resolve_device(recipe.device)
     distributed.init_from_env(device)
     fresh = any(not (d / "last.pth").is_file() for d in run_dirs.values())

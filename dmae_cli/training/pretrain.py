@@ -26,6 +26,7 @@ from dmae_cli.models.weights import load_pretrained_into
 from dmae_cli.runtime import checkpoint, distributed
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.lock import run_lock
 from dmae_cli.training.trainer import Trainer
 
 
@@ -78,6 +79,13 @@ def run_pretrain(
 ) -> PretrainResult:
     """Pre-train DMAE as the recipe says; resumes automatically from the run's `last.pth`."""
     run_dir = Path(out) if out is not None else recipe.stage_dir("pretrain")
+    with run_lock(run_dir):
+        return _pretrain(recipe, run_dir, resume, stop_after)
+
+
+def _pretrain(
+    recipe: Recipe, run_dir: Path, resume: Path | None, stop_after: int | None
+) -> PretrainResult:
     device = resolve_device(recipe.device)
     distributed.init_from_env(device)
     torch.manual_seed(recipe.seed + distributed.rank())  # distinct noise and masks per rank
