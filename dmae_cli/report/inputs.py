@@ -3,9 +3,11 @@
 Reads the per-example TSV files of `dmae certify` and of Cohen et al.'s tools (tab-separated,
 a header line, columns `idx label predict radius correct time`, `predict` = -1 for an
 abstention) into `CertResults`, with each file's sigma from its `sigma` column, its JSON header,
-`--sigma` or its name, in that order. Errors name the file and line. `with_alpha` recomputes the
-radii under another confidence level `alpha` from the raw counts that our own files carry
-(Cohen's certifier only), with the `cohen` certifier's own `dmae_cli.api.cohen_bound`.
+`--sigma` or its name, in that order. Errors name the file and line. The rows are read
+streaming into compact typed columns (`report.rows`): a file of millions of rows costs a small
+multiple of its numbers in memory. `with_alpha` recomputes the radii under another confidence
+level `alpha` from the raw counts that our own files carry (Cohen's certifier only), with the
+`cohen` certifier's own `dmae_cli.api.cohen_bound`.
 
 Any tool's file is read the same way, by column name, and what the report needs of one is
 Cohen's columns. What is particular to dmae's own files, their names in a certify directory,
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,22 +27,13 @@ from typing import Any
 import numpy as np
 
 from dmae_cli.api import cohen_bound
+from dmae_cli.report.rows import Table, read_table, warn
 from dmae_cli.runtime.errors import UserError
-from dmae_cli.smoothing.runfile import COHEN_COLUMNS, TSV_GLOB, header_path, read_header, read_text
+from dmae_cli.smoothing.runfile import TSV_GLOB, header_path, read_header
 
 ABSTAIN = -1
-REQUIRED = ("label", "predict", "radius", "correct")  # what the report needs of any tool's file
-COHEN_HEADER = " ".join(COHEN_COLUMNS)
 # sigma_0.50, sigma-0.5, noise_0.25, sigma=1 (and the same inside a directory name)
 SIGMA_IN_NAME = re.compile(r"(?:sigma|noise)[_\-=]?(\d+(?:\.\d+)?|\.\d+)", re.IGNORECASE)
-
-
-class ReportWarning(UserWarning):
-    """Something in the inputs the report works around (an ignored option, a mismatch)."""
-
-
-def warn(message: str) -> None:
-    warnings.warn(message, ReportWarning, stacklevel=3)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -92,126 +84,57 @@ class CertResults:
     sigma: float
     label: np.ndarray  # int64
     predict: np.ndarray  # int64, ABSTAIN (-1) for an abstention
-    radius: np.ndarray  # float64
+    radius: np.ndarray  # float64, >= 0
     correct: np.ndarray  # bool
-    columns: dict[str, list[str]] = field(default_factory=dict)  # every column, as text
-    lines: tuple[int, ...] = ()  # the file line of every row, for error messages
+    table: Table | None = None  # every column read, and the file line of every row
     header: dict[str, Any] = field(default_factory=dict)  # the JSON header, if any
 
     def __len__(self) -> int:
         return len(self.label)
 
 
-def _parse_table(path: Path, text: str) -> tuple[list[str], dict[str, list[str]], list[int]]:
-    """Header names, columns as text and the file line of every row; errors name the line."""
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() and not ln.startswith("#")), None)
-    if start is None:
-        raise UserError(f"{path}:1: empty file; expected a header line '{COHEN_HEADER}'")
-    names = [name.strip() for name in lines[start].split("\t")]
-    missing = [c for c in REQUIRED if c not in names]
-    if missing:
-        raise UserError(
-            f"{path}:{start + 1}: not a certification result of dmae certify or Cohen et al.'s "
-            f"certify.py: the header lacks {', '.join(missing)}; expected tab-separated columns "
-            f"'{COHEN_HEADER}'{_separator_hint(lines[start])}"
-        )
-    columns: dict[str, list[str]] = {name: [] for name in names}
-    line_numbers = []
-    for number, line in enumerate(lines[start + 1 :], start + 2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(names) and number == len(lines) and not text.endswith("\n"):
-            # `dmae certify` appends row by row: an interrupted run can leave half a line
-            warn(f"{path}:{number}: ignoring an incomplete last line (an interrupted run?)")
-            break
-        if len(fields) != len(names):
-            raise UserError(
-                f"{path}:{number}: expected {len(names)} tab-separated fields, found {len(fields)}"
-            )
-        for name, value in zip(names, fields, strict=True):
-            columns[name].append(value.strip())
-        line_numbers.append(number)
-    if not line_numbers:
-        raise UserError(f"{path}:{start + 1}: a header but no examples")
-    return names, columns, line_numbers
-
-
-def _separator_hint(header: str) -> str:
-    """Cohen's column names split by something other than tabs: say so."""
-    if "\t" in header:
-        return ""
-    for separator, name in ((",", "commas"), (";", "semicolons"), (" ", "spaces")):
-        if all(c in header.split(separator) for c in REQUIRED):
-            return f" (this header separates them by {name})"
-    return ""
-
-
-def _numbers(path: Path, name: str, values: list[str], lines: list[int], kind: type) -> np.ndarray:
-    out = []
-    for value, line in zip(values, lines, strict=True):
-        try:
-            if kind is bool:
-                if value.lower() not in ("0", "1", "true", "false"):
-                    raise ValueError
-                out.append(value.lower() in ("1", "true"))
-                continue
-            number = kind(value)
-            if kind is float and not math.isfinite(number):
-                raise ValueError
-            out.append(number)
-        except ValueError:
-            expected = {int: "an integer", float: "a finite number", bool: "0 or 1"}[kind]
-            raise UserError(f"{path}:{line}: {name} {value!r} is not {expected}") from None
-    return np.asarray(out, dtype={int: np.int64, float: np.float64, bool: bool}[kind])
-
-
-def _check_unique(path: Path, columns: dict[str, list[str]], lines: list[int]) -> None:
-    """A repeated idx (e.g. two shards concatenated twice) would count an example twice."""
-    first: dict[str, int] = {}
-    for idx, line in zip(columns.get("idx", []), lines, strict=False):
-        if idx in first:
-            raise UserError(f"{path}:{line}: idx {idx} repeats line {first[idx]}")
-        first[idx] = line
-
-
 def read_results(path: Path, run: str = "", sigma: float | None = None) -> CertResults:
-    """Read one TSV; `sigma` is used when the file itself does not record its sigma."""
+    """Read one TSV, streaming; `sigma` is used when the file itself does not record its
+    sigma."""
     path = Path(path)
-    _, columns, lines = _parse_table(path, read_text(path))
-    _check_unique(path, columns, lines)
-    predict = _numbers(path, "predict", columns["predict"], lines, int)
-    correct = _numbers(path, "correct", columns["correct"], lines, bool) & (predict != ABSTAIN)
+    table = read_table(path)
+    predict = table.numbers["predict"]
     header = read_header(path)  # {} for another tool's file
-    results = CertResults(
-        path=path,
-        run=run or path.resolve().parent.name,
-        sigma=0.0,  # resolved below, once the file is known to be readable
-        label=_numbers(path, "label", columns["label"], lines, int),
-        predict=predict,
-        radius=_numbers(path, "radius", columns["radius"], lines, float),
-        correct=correct,
-        columns=columns,
-        lines=tuple(lines),
-        header=header,
-    )
-    recorded = _sigma_from_column(path, columns, lines)
+    recorded = _sigma_from_column(path, table)
     if recorded is None and header.get("sigma") is not None:
         recorded = _header_sigma(header_path(path), header["sigma"])
-    return replace(results, sigma=_resolve_sigma(path, recorded, sigma))
+    return CertResults(
+        path=path,
+        run=run or path.resolve().parent.name,
+        sigma=_resolve_sigma(path, recorded, sigma),
+        label=table.numbers["label"],
+        predict=predict,
+        radius=table.numbers["radius"],
+        correct=table.numbers["correct"] & (predict != ABSTAIN),
+        table=table,
+        header=header,
+    )
 
 
 def _header_sigma(path: Path, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise UserError(f"{path}: sigma {value!r} is not a number > 0")
+    if not _is_sigma(value):
+        raise UserError(f"{path}: sigma {value!r} is not a finite number > 0")
     return float(value)
 
 
-def _sigma_from_column(path: Path, columns: dict[str, list[str]], lines: list[int]) -> float | None:
-    if "sigma" not in columns:
+def _is_sigma(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _sigma_from_column(path: Path, table: Table) -> float | None:
+    if "sigma" not in table.numbers:
         return None
-    values = _numbers(path, "sigma", columns["sigma"], lines, float)
+    values, lines = table.numbers["sigma"], table.lines
     differs = np.flatnonzero(~np.isclose(values, values[0]))
     if differs.size:
         line = lines[int(differs[0])]
@@ -219,6 +142,8 @@ def _sigma_from_column(path: Path, columns: dict[str, list[str]], lines: list[in
             f"{path}:{line}: sigma {values[differs[0]]:g} differs from {values[0]:g} on line "
             f"{lines[0]}; the report expects one sigma per file"
         )
+    if values[0] <= 0:
+        raise UserError(f"{path}:{lines[0]}: sigma {values[0]:g} is not > 0")
     return float(values[0])
 
 
@@ -244,8 +169,8 @@ def _resolve_sigma(path: Path, recorded: float | None, given: float | None) -> f
             f"{path}: cannot tell its sigma (no sigma column, no JSON header, no sigma in the "
             f"name such as sigma_0.50); pass --sigma"
         )
-    if sigma <= 0:
-        raise UserError(f"{path}: sigma must be > 0, got {sigma:g}")
+    if not _is_sigma(sigma):
+        raise UserError(f"{path}: sigma must be a finite number > 0, got {sigma:g}")
     return sigma
 
 
@@ -257,19 +182,21 @@ def with_alpha(results: CertResults, alpha: float) -> CertResults:
     whose estimation stage was skipped (n = 0) stay wrong. An abstention that would certify
     under the new alpha stays an abstention unless the file records the selected class.
     """
-    path, cols = results.path, results.columns
-    if "count_top" not in cols or "n" not in cols:
+    path, table = results.path, results.table
+    if table is None or "count_top" not in table.numbers or "n" not in table.numbers:
         warn(f"{path}: --alpha ignored: no count_top/n columns to recompute radii from")
         return results
-    count_top = _column(results, "count_top", int)
-    n = _column(results, "n", int)
-    names = cols.get("certifier") or [str(results.header.get("certifier", ""))] * len(n)
-    cohen = np.asarray([name.lower() == "cohen" for name in names]) & (n > 0)
+    count_top, n = table.numbers_of("count_top"), table.numbers_of("n")
+    named = table.matches.get("certifier")  # the rows whose certifier is cohen
+    if named is None:  # one certifier for the whole file, in its JSON header
+        named = np.full(len(n), str(results.header.get("certifier", "")).lower() == "cohen")
+    cohen = named & (n > 0)
+    _check_counts(results, cohen, count_top, n)
     others = int(np.sum(~cohen & (n > 0)))
     if others:
         warn(f"{path}: --alpha ignored on {others} rows of a certifier other than cohen")
     radius = cohen_bound(results.sigma, count_top, n, alpha).radius  # NaN: abstains
-    selected = _column(results, "selected", int) if "selected" in cols else results.predict
+    selected = table.numbers_of("selected") if "selected" in table.numbers else results.predict
     certifies = cohen & ~np.isnan(radius)
     lost = int(np.sum(certifies & (selected == ABSTAIN)))
     if lost:
@@ -284,5 +211,14 @@ def with_alpha(results: CertResults, alpha: float) -> CertResults:
     return replace(results, predict=predict, radius=new_radius, correct=correct.astype(bool))
 
 
-def _column(results: CertResults, name: str, kind: type) -> np.ndarray:
-    return _numbers(results.path, name, results.columns[name], list(results.lines), kind)
+def _check_counts(
+    results: CertResults, cohen: np.ndarray, count_top: np.ndarray, n: np.ndarray
+) -> None:
+    """Cohen's votes for the top class are a count out of n: 0 <= count_top <= n."""
+    bad = np.flatnonzero(cohen & ((count_top < 0) | (count_top > n)))
+    if bad.size and results.table is not None:
+        row = int(bad[0])
+        raise UserError(
+            f"{results.path}:{results.table.lines[row]}: count_top {count_top[row]} of n "
+            f"{n[row]}: expected 0 <= count_top <= n"
+        )

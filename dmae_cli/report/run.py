@@ -1,10 +1,11 @@
 """The report stage: per-example certification results in, certified-accuracy tables out.
 
 `run_report` is what `dmae report` does: `report.inputs` reads the per-example TSV files (of
-`dmae certify` or Cohen et al.'s tools), `report.tables` computes certified accuracy per file
-and the envelope over sigma per run, `report.formats` renders the rich table, markdown, LaTeX,
-CSV or JSON (optionally beside the published rows of `report/published.yaml`) and
-`report.plots` draws the curves. This module holds the options and writes the files.
+`dmae certify` or Cohen et al.'s tools; row by row into compact columns, `report.rows`),
+`report.tables` computes certified accuracy per file and the envelope over sigma per run,
+`report.formats` renders the rich table, markdown, LaTeX, CSV or JSON (optionally beside the
+published rows of `report/published.yaml`) and `report.plots` draws the curves.
+This module holds the options and writes the files.
 """
 
 from __future__ import annotations
@@ -15,30 +16,44 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmae_cli.report.inputs import ReportWarning
+from dmae_cli.report.rows import ReportWarning
 from dmae_cli.report.tables import Report, build_report
 from dmae_cli.runtime.errors import UserError
 
-
 # -- radii --------------------------------------------------------------------------------------
+MAX_RADII = 10_000  # a table column and a Clopper-Pearson interval per file each
+
+
 def parse_radii(text: str) -> tuple[float, ...]:
-    """`0:3:0.25` (start:stop:step, stop included) or a comma list `0,0.5,1`."""
+    """`0:3:0.25` (start:stop:step, stop included) or a comma list `0,0.5,1`; at most
+    `MAX_RADII` radii."""
+    shown = repr(text) if len(text) <= 40 else repr(text[:37] + "...")
     try:
         if ":" in text:
-            start, stop, step = (float(part) for part in text.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            count = math.floor((stop - start) / step + 1e-9)  # tolerate 3.0 / 0.25 rounding
-            values = [start + i * step for i in range(count + 1)]
+            values = _radius_range(shown, *(float(part) for part in text.split(":")))
         else:
             values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+    except (TypeError, ValueError):
         raise UserError(
-            f"--radii {text!r}: expected START:STOP:STEP (e.g. 0:3:0.25) or a list (0,0.5,1)"
+            f"--radii {shown}: expected START:STOP:STEP (e.g. 0:3:0.25) or a list (0,0.5,1)"
         ) from None
     if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise UserError(f"--radii {text!r}: radii must be finite numbers >= 0")
+        raise UserError(f"--radii {shown}: radii must be finite numbers >= 0")
+    if len(values) > MAX_RADII:
+        raise UserError(f"--radii {shown}: {len(values)} radii; at most {MAX_RADII}")
     return tuple(sorted({round(v, 10) for v in values}))
+
+
+def _radius_range(shown: str, start: float, stop: float, step: float) -> list[float]:
+    if not all(map(math.isfinite, (start, stop, step))) or step <= 0 or stop < start:
+        raise ValueError
+    count = (stop - start) / step + 1e-9  # tolerate 3.0 / 0.25 rounding
+    if not count < MAX_RADII:  # an infinite or huge count is refused before it is built
+        many = math.floor(count) + 1 if math.isfinite(count) else "infinitely many"
+        raise UserError(
+            f"--radii {shown}: {many} radii; at most {MAX_RADII} (a larger step or a shorter range)"
+        )
+    return [start + i * step for i in range(math.floor(count) + 1)]
 
 
 # -- the stage ----------------------------------------------------------------------------------

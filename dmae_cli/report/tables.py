@@ -16,6 +16,7 @@ radius, the convention of the published tables.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,8 @@ def build_report(
         raise UserError("no inputs: pass run directories (runs/<name>) or TSV files")
     if not 0 < ci_alpha < 1 or (alpha is not None and not 0 < alpha < 1):
         raise UserError("--alpha and --ci-alpha must be in (0, 1)")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise UserError(f"--sigma {sigma}: expected a finite number > 0")
     by_run: dict[str, list[Summary]] = {}
     for path, run in find_inputs(paths):
         results = read_results(path, run, sigma)
