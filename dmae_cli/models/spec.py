@@ -26,6 +26,10 @@ MAX_SIDE = 16384  # pixels, for a model's input and the data's native images
 MAX_CHANNELS = 1024
 MAX_CLASSES = 1_000_000
 MAX_OPTION_INT = 65536  # any integer backbone option (a width, a depth, a head count)
+# Sizes taken together, so that a description cannot ask for an absurd allocation:
+MAX_TOKENS = 1 << 16  # patches of the model's grid (256 x 256)
+MAX_IMAGE_VALUES = 1 << 26  # channels x side x side of one image (about 64M, 256 MB)
+MAX_PARAMETERS = 3 * 10**10  # a ViT's weights as its options give them (ViT-22B: 2.2e10)
 GLOBAL_POOLS = ("", "avg", "avgmax", "max", "token", "map")  # what timm's ViT accepts
 # What any model needs; a classifier to certify also needs its sigma.
 BUILD_FIELDS = (
@@ -166,6 +170,7 @@ class ModelSpec:
         for name, read in READERS.items():
             if meta.get(name) is not None:
                 values[name] = read(meta[name], values, _Field(source, name, meta[name]))
+        _check_sizes(values, meta, source)
         return cls(**values)
 
 
@@ -327,6 +332,45 @@ READERS: dict[str, Reader] = {
     "test_fingerprint": _text,
     "init": _text,
 }
+
+
+def _check_sizes(values: dict[str, Any], meta: Mapping[str, Any], source: str) -> None:
+    """Fields each within bounds can still describe an absurd model together: a 16384-pixel
+    input in 1-pixel patches, 1024 channels of 16384 x 16384 pixels, a 65536-wide, 65536-deep
+    ViT. Refused before anything is allocated."""
+
+    def fail(name: str, expected: str) -> UserError:
+        return _Field(source, name, meta.get(name)).fail(expected)
+
+    channels = values.get("channels", 1)
+    for name in ("image_size", "input_size"):
+        side = values.get(name)
+        if side is not None and channels * side * side > MAX_IMAGE_VALUES:
+            raise fail(name, f"images of at most {MAX_IMAGE_VALUES} values ({channels} channels)")
+    side, patch = values.get("image_size"), values.get("patch_size")
+    tokens = (side // patch) ** 2 if side is not None and patch is not None else 1
+    if tokens > MAX_TOKENS:
+        raise fail("patch_size", f"at most {MAX_TOKENS} patches, not {tokens}")
+    if _parameters(values, tokens) > MAX_PARAMETERS:
+        raise fail("backbone_options", f"a model of at most {MAX_PARAMETERS:.0e} parameters")
+
+
+def _parameters(values: dict[str, Any], tokens: int) -> float:
+    """A lower bound of a ViT's size from the options that describe one (absent ones: 1)."""
+    options = values.get("backbone_options", {})
+
+    def option(name: str, default: float) -> float:
+        value = options.get(name)
+        return max(float(value), 0.0) if _is_number(value) else default
+
+    width, depth, mlp = option("embed_dim", 1), option("depth", 1), option("mlp_ratio", 4)
+    patch, channels = values.get("patch_size", 1), values.get("channels", 1)
+    encoder = depth * (4 + 2 * mlp) * width * width
+    edges = (tokens + values.get("num_classes", 1) + channels * patch * patch) * width
+    decoder = values.get("decoder")
+    if decoder is not None:
+        encoder += decoder.depth * 12 * decoder.embed_dim * decoder.embed_dim
+    return encoder + edges
 
 
 def recorded(meta: object, name: str) -> Any:

@@ -89,7 +89,26 @@ def unwrap(state: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
         if isinstance(state.get(key), dict):
             state = state[key]
             break
-    return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+    weights = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+    problem = unusable_tensor(weights)
+    if problem is not None:
+        raise UserError(f"{source}: {problem}; a checkpoint holds dense real-valued weights")
+    return weights
+
+
+def unusable_tensor(weights: Mapping[str, Any]) -> str | None:
+    """The first tensor no model can load (a meta or sparse tensor, complex numbers), in words;
+    torch would stop on it with a multi-line report, or drop the imaginary parts."""
+    for key, value in weights.items():
+        if not torch.is_tensor(value):
+            continue
+        if value.is_meta:
+            return f"tensor {key} is a meta tensor (a shape without values)"
+        if value.layout != torch.strided:
+            return f"tensor {key} is a {str(value.layout).removeprefix('torch.')} tensor"
+        if value.is_complex():
+            return f"tensor {key} holds complex numbers"
+    return None
 
 
 def roles(
@@ -139,12 +158,34 @@ def _fit_pos_embed(out: Filtered, vit: nn.Module, source: str) -> None:
         return
     prefix = int(getattr(vit, "num_prefix_tokens", 1))
     grid = tuple(vit.patch_embed.grid_size)
+    if not _resamplable(pos, own["pos_embed"], prefix, source):
+        return  # another width: `_check_fits` names it, with the other tensors of that width
     try:
         out.weights["pos_embed"] = resize_pos_embed(pos, grid, prefix)
     except ValueError as exc:
-        raise UserError(f"{source}: cannot use its pos_embed: {exc}") from exc
+        raise UserError(
+            f"{source}: cannot use its pos_embed of shape {tuple(pos.shape)}: {exc}"
+        ) from exc
     old = math.isqrt(pos.shape[1] - prefix)
     out.resampled = ((old, old), grid)
+
+
+def _resamplable(pos: torch.Tensor, own: torch.Tensor, prefix: int, source: str) -> bool:
+    """Only a (1, prefix + h*w, width) float tensor of the model's width is resampled; a tensor
+    of another kind is one line before a resampling allocates from its shape."""
+    expected = f"expected (1, {prefix} + a square number of patches, {own.shape[-1]}) floats"
+    if pos.dim() != 3 or pos.shape[0] != 1 or not pos.is_floating_point():
+        raise UserError(
+            f"{source}: cannot use its pos_embed of shape {tuple(pos.shape)} and type "
+            f"{str(pos.dtype).removeprefix('torch.')}: {expected}, as the model's "
+            f"{tuple(own.shape)}"
+        )
+    if pos.shape[1] <= prefix:
+        raise UserError(
+            f"{source}: cannot use its pos_embed of shape {tuple(pos.shape)}: {expected}, as "
+            f"the model's {tuple(own.shape)}"
+        )
+    return pos.shape[-1] == own.shape[-1]
 
 
 def _fit_head(out: Filtered, vit: nn.Module) -> None:
@@ -202,10 +243,11 @@ def resize_pos_embed(
 
 def _width(weights: dict[str, torch.Tensor]) -> int | None:
     for key in ("cls_token", "pos_embed"):
-        if key in weights:
+        if key in weights and weights[key].dim() > 0:
             return int(weights[key].shape[-1])
-    if "patch_embed.proj.weight" in weights:
-        return int(weights["patch_embed.proj.weight"].shape[0])
+    proj = weights.get("patch_embed.proj.weight")
+    if proj is not None and proj.dim() > 0:
+        return int(proj.shape[0])
     return None
 
 

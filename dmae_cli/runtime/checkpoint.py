@@ -118,6 +118,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         with warnings.catch_warnings():  # an old-style pickle: the one line below says enough
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise UserError(f"{path}: {_load_failure(path, exc)}") from exc
@@ -242,11 +243,64 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved; a `ValueError` saying which part is not such a state
+    (`rng_problem`), before any generator is touched."""
+    problem = rng_problem(state)
+    if problem is not None:
+        raise ValueError(problem)
     torch.set_rng_state(state["torch"].cpu())  # checkpoints may be mapped to a GPU
     np.random.set_state(_numpy_state_from_plain(state["numpy"]))
     random.setstate(_python_state_from_plain(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def rng_problem(state: object, name: str = "rng") -> str | None:
+    """Why `state` is not what `rng_state` returns ("rng.numpy.keys: expected ..."), or None."""
+    if not isinstance(state, Mapping):
+        return f"{name}: expected a mapping of random generator states, got {type(state).__name__}"
+    if not _is_bytes(state.get("torch"), torch.get_rng_state().numel()):
+        return f"{name}.torch: expected the byte tensor of torch.get_rng_state()"
+    cuda = state.get("cuda", [])
+    if not isinstance(cuda, list | tuple) or not all(_is_bytes(s) for s in cuda):
+        return f"{name}.cuda: expected a list of byte tensors"
+    mt, py = state.get("numpy"), state.get("python")
+    if not isinstance(mt, Mapping) or not isinstance(py, Mapping):
+        return f"{name}.{'numpy' if not isinstance(mt, Mapping) else 'python'}: expected a mapping"
+    keys = mt.get("keys")
+    if not torch.is_tensor(keys) or keys.dtype != torch.int64 or tuple(keys.shape) != (624,):
+        return f"{name}.numpy.keys: expected a tensor of 624 integers"
+    if not _is_int(mt.get("pos"), 0, 624) or not _is_int(mt.get("has_gauss"), 0, 1):
+        return f"{name}.numpy.pos, numpy.has_gauss: expected integers from 0 to 624, and 0 or 1"
+    if not _is_float(mt.get("gauss")) or not (py.get("gauss") is None or _is_float(py["gauss"])):
+        return f"{name}.numpy.gauss, python.gauss: expected numbers"
+    words = py.get("state")
+    if (
+        py.get("version") != random.getstate()[0]
+        or not isinstance(words, list | tuple)
+        or len(words) != 625
+        or not all(_is_int(w, 0, 2**32 - 1) for w in words)
+        or words[-1] > 624
+    ):
+        return f"{name}.python: expected the state of random.getstate() (version 3, 625 integers)"
+    return None
+
+
+def _is_bytes(value: object, size: int | None = None) -> bool:
+    return (
+        torch.is_tensor(value)
+        and value.dtype == torch.uint8
+        and value.dim() == 1
+        and (size is None or value.numel() == size)
+    )
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_float(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _numpy_state_to_plain(st: tuple) -> dict[str, Any]:
@@ -259,7 +313,8 @@ def _numpy_state_to_plain(st: tuple) -> dict[str, Any]:
 
 
 def _numpy_state_from_plain(d: dict[str, Any]) -> tuple:
-    return ("MT19937", d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["gauss"])
+    keys = d["keys"].cpu().numpy().astype(np.uint32)  # checkpoints may be mapped to a GPU
+    return ("MT19937", keys, d["pos"], d["has_gauss"], d["gauss"])
 
 
 def _python_state_to_plain(st: tuple) -> dict[str, Any]:

@@ -15,6 +15,7 @@ the last one.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dmae_cli.models.weights import unusable_tensor
 from dmae_cli.runtime import checkpoint, distributed
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.training.step import unwrap
@@ -52,6 +54,23 @@ class Position:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Position:
         return cls(int(d["epoch"]), int(d["updates_done"]), float(d["loss_sum"]), int(d["seen"]))
+
+    @staticmethod
+    def problem(d: object, epoch: int) -> str | None:
+        """Why `d` is not the position inside `epoch` that `as_dict` wrote, or None."""
+        expected = (
+            f"expected a mapping of epoch ({epoch}), updates_done and seen (integers >= 0) and "
+            f"loss_sum (a finite number)"
+        )
+        if not isinstance(d, dict) or d.get("epoch") != epoch or not _is_int(d["epoch"]):
+            return expected
+        counts = [d.get("updates_done"), d.get("seen")]
+        loss = d.get("loss_sum")
+        if not all(_is_int(c) and c >= 0 for c in counts):
+            return expected
+        if not isinstance(loss, int | float) or isinstance(loss, bool) or not math.isfinite(loss):
+            return expected
+        return None
 
 
 @dataclass
@@ -119,9 +138,11 @@ class Checkpointer:
         if not path.is_file():
             return None
         state = self._load(path)
+        _check(path, _state_dict_problem(state, "model"))
         checkpoint.load_exact(
             unwrap(self.model), state["model"], str(path), "does not match this recipe's model"
         )
+        _check(path, _state_dict_problem(state, "optimizer"))
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, TypeError) as exc:  # torch words a mismatch as ValueError
@@ -130,7 +151,8 @@ class Checkpointer:
                 f"({_first_line(exc)}); were the optimisation settings changed? Start a new run "
                 f"directory (--out) to train with them"
             ) from exc
-        start_epoch = int(state["epoch"]) + 1
+        _check(path, resume_problem(state))
+        start_epoch = state["epoch"] + 1
         position = state.get("position")
         _restore_rng(state["rng"], start_epoch)
         return Resumed(path, start_epoch, Position.from_dict(position) if position else None)
@@ -150,6 +172,55 @@ class Checkpointer:
                 f"resuming takes a last.pth or checkpoint-NNNN.pth of the same stage"
             )
         return state
+
+
+def _check(path: Path, problem: str | None) -> None:
+    if problem is not None:
+        raise UserError(
+            f"{path}: checkpoint field {problem}; the file is damaged or not dmae's: remove it "
+            f"to start the run afresh, or copy an earlier checkpoint-NNNN.pth over it to resume "
+            f"from there"
+        )
+
+
+def _state_dict_problem(state: dict[str, Any], name: str) -> str | None:
+    if not isinstance(state[name], dict):
+        return f"{name}: expected a state dict, got {_kind(state[name])}"
+    problem = unusable_tensor(state[name]) if name == "model" else None
+    return f"{name}: {problem}" if problem is not None else None
+
+
+def resume_problem(state: dict[str, Any]) -> str | None:
+    """What keeps a checkpoint's epoch, RNG states and position from being resumed ("rng:
+    expected ..."), checked before any generator is touched; None when each is of its kind."""
+    epoch = state["epoch"]
+    if not _is_int(epoch) or epoch < -1:  # -1: interrupted inside the first epoch
+        return f"epoch: expected an integer >= -1, got {_kind(epoch)}"
+    rngs = state["rng"]
+    if not isinstance(rngs, list) or not rngs:
+        got = "an empty list" if isinstance(rngs, list) else _kind(rngs)
+        return f"rng: expected a list of random generator states (one per rank), got {got}"
+    for rank, rng in enumerate(rngs):
+        problem = checkpoint.rng_problem(rng, f"rng[{rank}]")
+        if problem is not None:
+            return problem
+    position = state.get("position")
+    if position is not None:
+        problem = Position.problem(position, epoch + 1)
+        if problem is not None:
+            return f"position: {problem}"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: object) -> str:
+    shown = (
+        repr(value) if isinstance(value, int | float | str | type(None)) else type(value).__name__
+    )
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
 def _restore_rng(rngs: list[dict[str, Any]], start_epoch: int) -> None:
