@@ -177,7 +177,7 @@ def test_cuda_synchronises_per_call_not_per_batch() -> None:
             torch.cuda.set_sync_debug_mode("default")
         return len(caught)
 
-    assert syncs(32 * 20) == syncs(32) <= 3  # bincount's sizing and the copy to the host
+    assert syncs(32 * 20) == syncs(32) <= 3  # votes counted on the device; one copy to the host
 
 
 # -- out of memory ------------------------------------------------------------------------------

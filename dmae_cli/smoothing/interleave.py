@@ -15,8 +15,9 @@ change of batch size). The group is fixed by the caller, so a rerun over the sam
 the same batches.
 
 Certifier code runs in the worker threads and only waits there; the threads never touch the
-model. The forward passes run from the calling thread, through `Sampler.classify_passes`
-(on a CPU, `parallel` of them at once in the sampler's own threads).
+model. The forward passes run from the calling thread, through `Sampler.vote_passes` (on a
+CPU, `parallel` of them at once in the sampler's own threads), and each pass's votes are
+counted into the requests they answer as they arrive, so no request's votes are kept.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import TypeVar
 import torch
 
 from dmae_cli.api import CountsFn
-from dmae_cli.smoothing.sampler import NoiseStream, Sampler
+from dmae_cli.smoothing.noise import NoiseStream
+from dmae_cli.smoothing.sampler import Sampler, tally
 
 T = TypeVar("T")
 Task = Callable[[CountsFn], T]  # one certification, given its example's counts function
@@ -146,14 +148,36 @@ def answer(sampler: Sampler, requests: list[Request]) -> None:
     The copies of consecutive requests of one image shape are cut into passes as one call of
     that many copies would be (`Sampler.pass_sizes`: equal passes of at most `batch_size`,
     `parallel` at a time on a CPU), so a request may straddle two passes: its noise is a
-    stream, so where it is cut changes nothing.
+    stream, so where it is cut changes nothing. Each pass's votes are counted as they arrive
+    (`_Split`), so memory does not grow with the requests' sizes.
     """
-    votes = sampler.classify_passes(_passes(sampler, requests))
     sizes = [request.num for request in requests]
+    counts = torch.zeros(
+        (len(requests), sampler.num_classes), dtype=torch.int64, device=sampler.device
+    )
+    sampler.vote_passes(_passes(sampler, requests), _Split(sizes, counts))
     sampler.drawn += sum(sizes)
-    for request, mine in zip(requests, votes.split(sizes), strict=True):
-        request.counts = torch.bincount(mine, minlength=sampler.num_classes).cpu()
+    for request, mine in zip(requests, counts.cpu(), strict=True):
+        request.counts = mine
         request.answered.set()
+
+
+class _Split:
+    """Counts consecutive votes into the rows of `counts` they belong to: the first `sizes[0]`
+    into row 0, the next `sizes[1]` into row 1, and so on, however the passes cut them."""
+
+    def __init__(self, sizes: list[int], counts: torch.Tensor) -> None:
+        self.sizes, self.counts = sizes, counts
+        self.row, self.used = 0, 0  # votes of row `row` counted so far
+
+    def __call__(self, votes: torch.Tensor) -> None:
+        start = 0
+        while start < len(votes):
+            while self.used == self.sizes[self.row]:
+                self.row, self.used = self.row + 1, 0
+            take = min(len(votes) - start, self.sizes[self.row] - self.used)
+            tally(self.counts[self.row], votes[start : start + take])
+            start, self.used = start + take, self.used + take
 
 
 def _passes(sampler: Sampler, requests: list[Request]) -> Iterator[torch.Tensor]:

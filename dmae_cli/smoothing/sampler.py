@@ -5,37 +5,34 @@ the image plus N(0, sigma^2 I) noise, generated in fp32 in [0, 1] pixel space at
 native resolution directly on the model's device (the model's `InputAdapter` then resizes and
 normalises), forwards them in batches (bf16 autocast under `precision: auto` on CUDA and on a
 CPU with native bf16 arithmetic, see `dmae_cli.runtime.precision`), and votes with argmax.
-Predictions are written into one preallocated device tensor and counted by a single `bincount`
-at the end, so the batches run back to back with no host synchronisation between them (CUDA's
-`bincount` synchronises to size its output: once per call, together with the copy of the
-counts to the host, instead of once per batch). Inputs stay in the default NCHW layout:
-channels-last buys a ViT nothing, its only convolution is the patch embedding.
+The votes of each forward pass are added to the call's class counts on the device as they
+arrive (`tally`, a `scatter_add_` into a tensor of `num_classes` counts), so memory does not
+grow with the number of copies a call draws, and the batches run back to back with no host
+synchronisation between them (one per call: the copy of the counts to the host). Inputs stay
+in the default NCHW layout: channels-last buys a ViT nothing, its only convolution is the patch
+embedding.
 
 On a CPU, `parallel` forward passes run at once, each on a thread whose torch ops use one core
 (`forward_pool`): a small model's passes are too short for torch to spread one of them over
 several cores efficiently (the digits classifier classifies 1.4-1.9x more copies per second
 as two single-core passes than as one pass on two cores), and two passes keep both cores busy.
 
-Every example draws its noise from its own stream (`NoiseStream`): a generator seeded from
-(seed, example index), called for `NOISE_CHUNK` copies at a time, the unused rest of a call
-kept for the next request. So noisy copy number i of an example is the same whatever came
-before it (other examples, another process's share of the work, a resume) and however the
-copies are asked for: the batch size, the sizes of a certifier's requests, the packing of
-several examples into one forward pass (`dmae_cli.smoothing.interleave`) and the out-of-memory
-back-off (which halves the copies per forward pass, `forward_size`) leave the noise unchanged.
-Two certifiers run with one seed therefore see the same noise, copy for copy: a sequential
-certifier's votes are a prefix of `cohen`'s, which makes their comparison a paired one.
+Every example draws its noise from its own stream (`dmae_cli.smoothing.noise.NoiseStream`), so
+noisy copy number i of an example is the same however the copies are asked for: the batch
+size, the sizes of a certifier's requests, the packing of several examples into one forward
+pass and the out-of-memory back-off (which halves the copies per forward pass, `forward_size`)
+leave the noise, and so the counts, unchanged.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
+import itertools
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -46,6 +43,10 @@ from dmae_cli.api import CountsFn
 from dmae_cli.runtime import distributed, ui
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.precision import autocast, autocast_dtype, precision_name
+from dmae_cli.smoothing.noise import NOISE_CHUNK as NOISE_CHUNK
+from dmae_cli.smoothing.noise import NoiseStream
+from dmae_cli.smoothing.noise import example_generator as example_generator
+from dmae_cli.smoothing.noise import example_seed as example_seed
 
 # Recent torch names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
 OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -53,51 +54,21 @@ OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.O
 # digits model). The batch size no longer changes the noise (`NoiseStream`).
 AUTO_CPU_BATCH = 256
 AUTO_CUDA_MAX = 4096  # a cap on probing: a busy GPU gains nothing from larger batches
-# Copies per generator call: large enough that a call costs little next to a forward pass,
-# small enough that the rest kept per example (8 examples interleaved) is a small buffer.
-NOISE_CHUNK = 64
 
 
-def example_seed(seed: int, index: int) -> int:
-    """A 63-bit generator seed for example `index` of a run seeded with `seed`.
-
-    Hashed rather than `seed + index` so that runs with neighbouring seeds do not share noise.
-    """
-    digest = hashlib.sha256(f"dmae-certify/{seed}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def example_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(example_seed(seed, index))
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed: CUDA's out-of-memory error, the CPU
+    allocator's (a RuntimeError from `DefaultCPUAllocator`), or Python's MemoryError."""
+    if isinstance(exc, OUT_OF_MEMORY | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc)
 
 
-class NoiseStream:
-    """The standard normal noise of one example: copy i is the same however it is asked for.
+def tally(counts: torch.Tensor, votes: torch.Tensor) -> None:
+    """Add `votes` (class indices) to `counts` (one per class), on their device, in place.
 
-    The generator is called for `NOISE_CHUNK` copies of `shape` at a time, and what a request
-    leaves of a call serves the next, so the stream of copies does not depend on the sizes of
-    the requests (see the module docstring).
-    """
-
-    def __init__(self, generator: torch.Generator, shape: tuple[int, ...]) -> None:
-        self.generator = generator
-        self.shape = shape
-        self.left = torch.empty((0, *shape), device=generator.device)
-
-    def take(self, size: int) -> torch.Tensor:
-        """The next `size` copies, (size, *shape), in fp32 on the generator's device."""
-        parts = []
-        while size > 0:
-            if not len(self.left):
-                self.left = torch.randn(
-                    (NOISE_CHUNK, *self.shape), generator=self.generator, device=self.left.device
-                )
-            part, self.left = self.left[:size], self.left[size:]
-            parts.append(part)
-            size -= len(part)
-        if not parts:
-            return self.left[:0]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    No host synchronisation (CUDA's `bincount` would synchronise to size its output)."""
+    counts.scatter_add_(0, votes, torch.ones_like(votes))
 
 
 # -- batch size -------------------------------------------------------------------------------
@@ -174,6 +145,27 @@ def forward_pool(size: int) -> ThreadPoolExecutor:
 
 
 # -- the sampler ------------------------------------------------------------------------------
+class EqualParts(Sequence[int]):
+    """`total` cut into `count` parts of equal sizes within one, the larger ones first."""
+
+    def __init__(self, total: int, count: int) -> None:
+        self.total, self.count = total, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> int:  # type: ignore[override]  # no slices
+        if not -self.count <= i < self.count:
+            raise IndexError(i)
+        return self.total // self.count + (i % self.count < self.total % self.count)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.count:
+            size, larger = divmod(self.total, self.count)
+            yield from itertools.repeat(size + 1, larger)
+            yield from itertools.repeat(size, self.count - larger)
+
+
 class Sampler:
     """Counts the votes of `model` on noisy copies of an image, `batch_size` copies at a time.
 
@@ -252,10 +244,10 @@ class Sampler:
         drawn, tick = self.drawn, time.perf_counter()
         try:
             self.counts(image, torch.Generator(device=self.device).manual_seed(0))(self.batch_size)
-        except (UserError, OUT_OF_MEMORY):
+        except UserError:
             raise
         except Exception as exc:
-            if not self.compiled:
+            if not self.compiled or out_of_memory(exc):
                 raise
             self._raise_compile_failure(image, exc)
         finally:
@@ -274,31 +266,41 @@ class Sampler:
 
     @torch.inference_mode()
     def _count(self, clean: torch.Tensor, num: int, stream: NoiseStream) -> torch.Tensor:
+        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
         passes = (self.noisy(clean, size, stream) for size in self.pass_sizes(num))
-        votes = self.classify_passes(passes)
+        self.vote_passes(passes, lambda votes: tally(counts, votes))
         self.drawn += num
-        return torch.bincount(votes, minlength=self.num_classes).cpu()
+        return counts.cpu()
 
-    def pass_sizes(self, total: int) -> list[int]:
+    def pass_sizes(self, total: int) -> EqualParts:
         """How `total` copies are cut into forward passes: at most `batch_size` each, as many
         as a multiple of `parallel` (so that every thread gets a share) but never empty, and
-        of equal sizes (within one)."""
+        of equal sizes (within one). Computed as they are read: no list of a billion sizes."""
         count = math.ceil(total / self.batch_size)
-        count = min(math.ceil(count / self.parallel) * self.parallel, total)
-        if count == 0:
-            return []
-        return [total // count + (i < total % count) for i in range(count)]
+        return EqualParts(total, min(math.ceil(count / self.parallel) * self.parallel, total))
 
     def classify_passes(self, passes: Iterable[torch.Tensor]) -> torch.Tensor:
-        """The votes on every pass's copies, in order; `parallel` passes run at a time.
+        """The votes on every pass's copies, in order, in one tensor (see `vote_passes`)."""
+        votes: list[torch.Tensor] = []
+        self.vote_passes(passes, votes.append)
+        if not votes:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        return votes[0] if len(votes) == 1 else torch.cat(votes)
 
-        `passes` is consumed lazily: at most two passes per thread exist at once, so a long
-        call of large images does not hold all its noise in memory.
+    def vote_passes(
+        self, passes: Iterable[torch.Tensor], receive: Callable[[torch.Tensor], None]
+    ) -> None:
+        """Classify every pass and hand its votes to `receive`, in order, as they come.
+
+        `parallel` passes run at a time. `passes` is consumed lazily and each pass's votes are
+        dropped once received: at most two passes per thread exist at once, so a long call
+        holds neither all its noise nor all its votes in memory.
         """
         if self.parallel == 1:
-            return self._joined([self.classify(noisy) for noisy in passes])
+            for noisy in passes:
+                receive(self.classify(noisy))
+            return
         pool = forward_pool(self.parallel)
-        votes: list[torch.Tensor] = []
         running: deque[Future[torch.Tensor]] = deque()
         threads = torch.get_num_threads()
         # This thread makes the noise meanwhile: on one core, or the threads torch keeps
@@ -307,40 +309,48 @@ class Sampler:
         try:
             for noisy in passes:
                 if len(running) == 2 * self.parallel:
-                    votes.append(running.popleft().result())
+                    receive(running.popleft().result())
                 running.append(pool.submit(self.classify, noisy))
-            votes.extend(future.result() for future in running)
+            while running:
+                receive(running.popleft().result())
         except BaseException:
             for future in running:  # passes not started yet (the running ones just finish)
                 future.cancel()
             raise
         finally:
             torch.set_num_threads(threads)
-        return self._joined(votes)
-
-    def _joined(self, votes: list[torch.Tensor]) -> torch.Tensor:
-        if not votes:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
-        return votes[0] if len(votes) == 1 else torch.cat(votes)
 
     def noisy(self, clean: torch.Tensor, size: int, stream: NoiseStream) -> torch.Tensor:
-        """The next `size` copies of `clean` (1, C, H, W) plus sigma times `stream`, in fp32."""
-        return stream.take(size).mul(self.sigma).add_(clean)
+        """The next `size` copies of `clean` (1, C, H, W) plus sigma times `stream`, in fp32.
+
+        Drawing them failing to allocate is one line: the copies of a pass are drawn at once.
+        """
+        try:
+            return stream.take(size).mul(self.sigma).add_(clean)
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+        raise UserError(  # out of the handler: the failed attempt's memory is released
+            f"out of memory on {self.device} drawing {size} noisy copies of a "
+            f"{'x'.join(map(str, clean.shape[1:]))} image at once; lower --batch-size"
+        )
 
     @torch.inference_mode()
     def classify(self, noisy: torch.Tensor) -> torch.Tensor:
         """The model's votes on `noisy`, `forward_size` copies per forward pass.
 
-        Out of memory, the same copies are classified again in halves, so the votes are those
-        of a run that never ran out of memory.
+        Out of memory (on a GPU, or an allocation the CPU refused), the same copies are
+        classified again in halves, so the votes are those of a run that never ran out of
+        memory.
         """
         while True:
             size = self.forward_size
             try:
                 return self._try_classify(noisy, size)
-            except OUT_OF_MEMORY:
-                pass  # leaving the handler releases the failed attempt's tensors
-            self._back_off(size)
+            except Exception as exc:
+                if not out_of_memory(exc):
+                    raise
+            self._back_off(size)  # out of the handler, which released the attempt's tensors
 
     def _try_classify(self, noisy: torch.Tensor, size: int) -> torch.Tensor:
         votes = torch.empty(len(noisy), dtype=torch.int64, device=self.device)
