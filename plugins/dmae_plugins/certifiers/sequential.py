@@ -21,6 +21,11 @@ from dmae_cli.api import (
 from dmae_plugins.certifiers._bounds import thresholds
 from dmae_plugins.certifiers.cohen import Cohen
 
+# The smallest `growth` and `check_growth`: at 1.001 the schedule of a budget n = 10^9 holds
+# about 15,000 sizes (a thousand below n = 1,000, then about 7,000 per factor of 1000); at
+# 1 + 1e-7 it held tens of millions and its list took gigabytes.
+MIN_RATIO = 1.001
+
 
 @dataclass(frozen=True)
 class Sequential:
@@ -82,6 +87,11 @@ class Sequential:
             value = getattr(self, knob)
             if not _is_number(value) or not value > 1:
                 raise ValueError(f"sequential: {knob} must be a number > 1, got {value!r}")
+            if not value >= MIN_RATIO:
+                raise ValueError(
+                    f"sequential: {knob} must be at least {MIN_RATIO}, got {value!r} (closer to "
+                    f"1, the sample sizes it looks or checks at grow into the millions)"
+                )
         if not _is_number(self.last_share) or not 0 < self.last_share <= 1:
             raise ValueError(
                 f"sequential: last_share must be a number in (0, 1], got {self.last_share!r}"
@@ -130,7 +140,7 @@ class Sequential:
             if stop:
                 break
         extra = {"pa_lower": lower, "stop": stop}
-        if lower < 0.5:
+        if not lower >= 0.5:  # NaN too
             return Certificate(ABSTAIN, 0.0, n_a, drawn, n0, extra)
         return Certificate(selected, gaussian_radius(request.sigma, lower), n_a, drawn, n0, extra)
 
