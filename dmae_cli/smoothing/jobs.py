@@ -2,10 +2,13 @@
 each sigma's model loaded and checked against the data, and one `Job` per sigma tying them
 together.
 
-Which recipe and which model files are certified is `dmae_cli.smoothing.found`'s. A job also
-carries what goes into its run file's JSON header (`make_header`); the run file's format, its
-reading and writing belong to `dmae_cli.smoothing.runfile`, and certifying the jobs' examples
-into it, resuming, to `dmae_cli.smoothing.certify`.
+Examples are taken by index, `dataset[i]`; a streamed data set (an `IterableDataset`, such as
+`webdataset` shards) is read once in order instead, keeping the selected examples as they pass
+(`Streamed`). Which recipe and which model files are certified is
+`dmae_cli.smoothing.found`'s. A job also carries what goes into its run file's JSON header
+(`make_header`); the run file's format, its reading and writing belong to
+`dmae_cli.smoothing.runfile`, and certifying the jobs' examples into it, resuming, to
+`dmae_cli.smoothing.certify`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.data import IterableDataset
 
 from dmae_cli import __version__
 from dmae_cli.api import Certifier, CertifyRequest, CountsFn, DatasetInfo
@@ -58,6 +62,61 @@ def select_indices(cfg: CertifyConfig, size: int, split: str) -> list[int]:
         raise UserError(f"certify.end={cfg.end} must be larger than certify.start={cfg.start}")
     indices = list(range(cfg.start, end, cfg.interval))
     return indices[: cfg.max_examples] if cfg.max_examples is not None else indices
+
+
+class Streamed:
+    """The examples of a streamed data set (an `IterableDataset`, e.g. `webdataset` shards) by
+    index: its i-th item is example i, as a map-style data set's `dataset[i]`.
+
+    Certification asks for its examples in increasing order (the selection, less what a resume
+    finds done), so they are read in one pass: an index ahead reads on and drops what lies
+    between, the same index again is the item kept from the last call, and an earlier one
+    (the next sigma's first example) starts the stream over. One item is held at a time.
+    """
+
+    def __init__(self, stream: Any, name: str) -> None:
+        self.stream, self.name, self.info = stream, name, stream.info
+        self._items: Iterator[Any] | None = None
+        self._read = 0  # items taken from `_items`
+        self._last: tuple[int, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, idx: int) -> Any:
+        if self._last is not None and self._last[0] == idx:
+            return self._last[1]
+        if self._items is None or idx < self._read:
+            self.close()
+            self._items, self._read = iter(self.stream), 0
+        for item in self._items:
+            self._read += 1
+            if self._read > idx:
+                self._last = (idx, item)
+                return item
+        raise UserError(
+            f"dataset '{self.name}' ended after {self._read} examples, before example {idx} of "
+            f"the {len(self)} it announced (unreadable samples were skipped: see the warnings)"
+        )
+
+    def close(self) -> None:
+        """Stop reading (a generator's close also closes its open shard)."""
+        if self._items is not None and hasattr(self._items, "close"):
+            self._items.close()
+        self._items, self._last = None, None
+
+
+def by_index(dataset: Any, name: str) -> Any:
+    """`dataset` if it is indexable, else its stream as `Streamed` (one process only: under
+    torchrun a stream deals its shards to the ranks, so a rank would not see every example)."""
+    if not isinstance(dataset, IterableDataset):
+        return dataset
+    if distributed.world_size() > 1:
+        raise UserError(
+            f"dataset '{name}' is streamed, and under torchrun each rank reads only its own "
+            f"shards; certify it in one process (without torchrun)"
+        )
+    return Streamed(dataset, name)
 
 
 def build_certifier(cfg: CertifyConfig) -> Certifier:
@@ -171,7 +230,7 @@ def prepare(
     certifier = build_certifier(cfg)  # an unknown name fails before any model is loaded
     device = resolve_device(recipe.device)
     distributed.init_from_env(device)
-    dataset = load_dataset(recipe, cfg.split, augment=False)
+    dataset = by_index(load_dataset(recipe, cfg.split, augment=False), recipe.data.dataset)
     indices = select_indices(cfg, len(dataset), cfg.split)
     out_dir = certify_dir(recipe, out)
     paths = {sigma: model_path(recipe, sigma) for sigma in cfg.sigma}  # all found, or none run
