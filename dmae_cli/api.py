@@ -177,7 +177,9 @@ def gaussian_radius(sigma: float, p_lower: FloatOrArray) -> FloatOrArray:
 
     When the smoothed classifier's top class has probability at least p_lower >= 1/2, its
     prediction is constant within sigma * PhiInverse(p_lower) (Cohen et al. 2019, Theorem 1).
-    Below 1/2 no class is certain to win and the certifier abstains: NaN.
+    Below 1/2 no class is certain to win and the certifier abstains: NaN. A NaN `p_lower`
+    (scipy's quantile fails for few votes at an extreme alpha such as 1e-300) abstains too:
+    the test is `p_lower >= 1/2`, which a NaN fails (`p_lower < 1/2` would certify it).
     """
     from scipy.special import ndtri
 
@@ -199,9 +201,9 @@ def cohen_bound(sigma: float, count_top: FloatOrArray, n: FloatOrArray, alpha: f
     copies (fresh ones, not those that selected it) at confidence 1 - alpha.
 
     pA_lower = `clopper_pearson_lower(count_top, n, alpha)` and radius = `gaussian_radius(sigma,
-    pA_lower)`, NaN (abstain) where pA_lower < 1/2. The `cohen` certifier and `dmae report
-    --alpha` both compute their radii here, so a recomputed radius is the certifier's, bit for
-    bit, at the same alpha.
+    pA_lower)`, NaN (abstain) where pA_lower is not >= 1/2, a NaN pA_lower included. The
+    `cohen` certifier and `dmae report --alpha` both compute their radii here, so a recomputed
+    radius is the certifier's, bit for bit, at the same alpha.
     """
     pa_lower = clopper_pearson_lower(count_top, n, alpha)
     return CohenBound(pa_lower, gaussian_radius(sigma, pa_lower))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,11 @@ class Row:
         )  # fmt: skip
 
     def line(self) -> str:
+        if not math.isfinite(self.radius):  # a NaN would read back as neither certified nor not
+            raise UserError(
+                f"certifier '{self.certifier}' returned the radius {self.radius!r} for example "
+                f"{self.idx}, not a finite number (a bug in the certifier); no row written"
+            )
         # Floats as repr: exact, so `radius >= r` reads back as it was computed (Cohen's
         # 3-digit rounding can lift 0.2499 to 0.25).
         pa = "" if self.pa_lower is None else repr(self.pa_lower)

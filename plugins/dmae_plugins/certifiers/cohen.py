@@ -42,7 +42,7 @@ class Cohen:
         n_a = int(counts(n)[selected])
         bound = cohen_bound(request.sigma, n_a, n, request.alpha)
         extra = {"pa_lower": bound.pa_lower, "stop": "budget"}
-        if bound.pa_lower < 0.5:
+        if not bound.pa_lower >= 0.5:  # NaN too (scipy's quantile at an extreme alpha)
             return Certificate(ABSTAIN, 0.0, n_a, n, n0, extra)
         return Certificate(selected, bound.radius, n_a, n, n0, extra)
 
