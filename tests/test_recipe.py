@@ -47,8 +47,8 @@ def test_unknown_key_names_file_path_and_suggestion(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("pretrain: {epochs: ten}", "pretrain.epochs: expected an integer, got 'ten'"),
-        ("pretrain: {sigma: 0}", "pretrain.sigma: expected a number > 0, got 0.0"),
-        ("pretrain: {sigma: -1}", "pretrain.sigma: expected a number > 0, got -1.0"),
+        ("pretrain: {sigma: 0}", "pretrain.sigma: expected a number > 0 and <= 10, got 0.0"),
+        ("pretrain: {sigma: -1}", "pretrain.sigma: expected a number > 0 and <= 10, got -1.0"),
         (
             "pretrain: {mask_ratio: 1.0}",
             "pretrain.mask_ratio: expected a number in [0.0, 1.0), got 1.0",

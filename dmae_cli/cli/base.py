@@ -2,7 +2,10 @@
 
 Every command is thin: it parses, loads the recipe, calls one stage function and renders. A
 mistake the user can fix (`UserError`) ends with one line on stderr and exit code 2;
-`DMAE_DEBUG=1` shows its traceback. Any other exception is a bug and keeps its traceback.
+`DMAE_DEBUG=1` shows its traceback. So does an output path blocked by the file system (`--out`
+naming a file, a file where a run directory goes): `user_errors` checks a command's `--out`
+before it runs, and turns the OSErrors that mean "a file is in the way" into that line too. Any
+other exception is a bug and keeps its traceback.
 
 The command modules import this one and register on `app`; `dmae_cli.cli.app` imports them all.
 """
@@ -55,7 +58,12 @@ def user_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            if isinstance(kwargs.get("out"), Path):  # every command's --out DIR
+                check_output_dir(kwargs["out"])
+            try:
+                return command(*args, **kwargs)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+                raise UserError(blocked_path(exc)) from exc
         except UserError as exc:
             if os.environ.get("DMAE_DEBUG"):
                 raise
@@ -63,6 +71,30 @@ def user_errors(command: F) -> F:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_output_dir(path: Path, option: str = "--out", *, prefix: bool = False) -> None:
+    """`path` can be an output directory (with `prefix`, a prefix of file names in one): it and
+    its existing parents are directories, or one line naming the file in the way."""
+    for folder in (*path.parents,) if prefix else (path, *path.parents):
+        if os.path.lexists(folder):  # a dangling link is in the way too
+            if folder.is_dir():
+                return
+            if folder == path:
+                raise UserError(f"{option} {path} is a file; give a directory")
+            raise UserError(f"{option} {path}: {folder} is a file, not a directory")
+
+
+def blocked_path(exc: OSError) -> str:
+    """The one line for an output the file system refuses: which path, and what is wrong."""
+    where = exc.filename2 or exc.filename or "a path"  # a rename's target is what is in the way
+    if isinstance(exc, IsADirectoryError):
+        return f"{where} is a directory; give a file name"
+    if isinstance(exc, NotADirectoryError):
+        return f"{where}: a part of this path is a file, not a directory"
+    return (
+        f"{where} already exists and is in the way of an output; remove it or choose another path"
+    )
 
 
 def _label(exc: UserError) -> str:

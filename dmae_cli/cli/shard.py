@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from dmae_cli.cli.base import app, user_errors
+from dmae_cli.cli.base import app, check_output_dir, user_errors
+from dmae_cli.config.fields import MAX_SEED
 from dmae_cli.runtime import ui
+from dmae_cli.runtime.errors import UserError
 
 
 @app.command()
@@ -93,6 +96,9 @@ def shard(
     """
     from dmae_cli.data.shard import ShardConfig, parse_options, parse_size, run_shard, summary
 
+    check_output_dir(Path(out).expanduser(), prefix=True)
+    if not 0 <= seed <= MAX_SEED:  # numpy refuses a negative seed
+        raise UserError(f"--seed: expected an integer from 0 to 2**63 - 1, got {seed}")
     cfg = ShardConfig(
         dataset=dataset,
         out=out,

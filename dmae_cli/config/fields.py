@@ -9,11 +9,23 @@ with `|`: `field(default=100, metadata=positive() | flag("Selection samples per 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 Check = Callable[[Any], bool]
+
+MAX_SIDE = 16384  # pixels: an image or model side, as `dmae_cli.models.spec.MAX_SIDE` allows
+MAX_TOKENS = 1 << 16  # patches of a model's grid (256 x 256), as `models.spec.MAX_TOKENS`
+MAX_SEED = 2**63 - 1  # torch generators take up to 2**64 - 1: room for seed + rank + epoch
+# Noise levels are in pixel units, pixels in [0, 1]. Published results use sigma <= 1 (Cohen et
+# al. 2019, DMAE); at 10 the noise is ten times the whole pixel range and a classifier sees only
+# noise. The bound also keeps every certified radius, sigma * Phi^-1(pA) with Phi^-1 of a float
+# pA < 1 below 8.3 (float64), finite: at most 83 pixels.
+MAX_SIGMA = 10.0
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
 
 
 # -- constraints ----------------------------------------------------------------------------
@@ -60,6 +72,43 @@ def batch_size_setting() -> dict[str, Any]:
 def parallel_setting() -> dict[str, Any]:
     """An integer >= 1, or auto: the field is typed Any, so its type is checked here."""
     return _check(lambda v: v == "auto" or (type(v) is int and v >= 1), "an integer >= 1, or auto")
+
+
+def side() -> dict[str, Any]:
+    """An image side in pixels, from 1 to `MAX_SIDE`."""
+    return _check(lambda v: 1 <= v <= MAX_SIDE, f"an integer from 1 to {MAX_SIDE}")
+
+
+def seed_range() -> dict[str, Any]:
+    return _check(lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to 2**63 - 1 ({MAX_SEED})")
+
+
+def noise_level() -> dict[str, Any]:
+    return _check(lambda v: 0 < v <= MAX_SIGMA, f"a number > 0 and <= {MAX_SIGMA:g}")
+
+
+def noise_levels() -> dict[str, Any]:
+    return _check(
+        lambda v: len(v) > 0 and all(0 < x <= MAX_SIGMA for x in v),
+        f"one or more numbers > 0 and <= {MAX_SIGMA:g}",
+    )
+
+
+def plain_name() -> dict[str, Any]:
+    """A run's name: one directory under runs_dir, never a path that leaves it."""
+    return _check(
+        lambda v: (
+            v not in ("", ".", "..")
+            and not any(c in v for c in "/\\\0")
+            and len(v.encode("utf-8", "surrogatepass")) <= 255
+        ),
+        "a plain name (no '/', '\\', '..'; at most 255 bytes): outputs go to runs_dir/<name>/",
+    )
+
+
+def device_name() -> dict[str, Any]:
+    """The device's name only: whether the machine has it is checked when a stage starts."""
+    return _check(lambda v: _DEVICE.fullmatch(v) is not None, DEVICES)
 
 
 def optional(meta: dict[str, Any]) -> dict[str, Any]:

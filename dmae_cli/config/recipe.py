@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from dmae_cli.config.fields import Flag
+from dmae_cli.config.reading import RecipeError, cut, parse_yaml, read_recipe_file, show
 from dmae_cli.config.schema import (
     CertifyConfig,
     DataConfig,
@@ -36,7 +37,6 @@ from dmae_cli.config.schema import (
     Recipe,
     sigma_name,
 )
-from dmae_cli.runtime.errors import UserError
 
 __all__ = [
     "CertifyConfig",
@@ -58,9 +58,7 @@ __all__ = [
     "sigma_name",
 ]
 
-
-class RecipeError(UserError):
-    """A recipe (or an override) that cannot become a valid config."""
+INT64 = 2**63  # integers go to torch and numpy: |value| < 2**63
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -82,41 +80,18 @@ def load_recipe(
     return apply_typed(_build(Recipe, raw, source, ""), typed or {}, source)
 
 
-def read_recipe_file(path: Path) -> dict[str, Any]:
-    """The mapping a recipe file holds; the only place a recipe file is read."""
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}{where}: malformed YAML: {problem}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a UTF-8 text file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping of sections at the top level")
-    return data
-
-
 def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. pretrain.epochs=10")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        raise RecipeError(f"--set {item!r}: the value is not valid YAML") from None
+        raise RecipeError(f"--set {show(item)}: expected KEY.PATH=VALUE, e.g. pretrain.epochs=10")
+    value = parse_yaml(text, f"--set {show(item)}") if text.strip() else None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError(f"{source}: {key}: '{part}' is not a section")
+            raise RecipeError(f"{source}: {cut(key)}: '{cut(part)}' is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -124,13 +99,13 @@ def _apply_override(raw: dict[str, Any], item: str, source: str) -> None:
 def _build(cls: type, raw: Any, source: str, path: str) -> Any:
     """Turn a mapping into dataclass `cls`, checking keys, types and ranges on the way."""
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: {path or 'top level'}: expected a mapping, got {_show(raw)}")
+        raise RecipeError(f"{source}: {path or 'top level'}: expected a mapping, got {show(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in raw:
         if not isinstance(key, str) or key not in fields:
-            where = f"{path}.{key}" if path else str(key)
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            where = cut(f"{path}.{key}" if path else str(key))
+            close = difflib.get_close_matches(str(key)[:100], list(fields), n=1)
             hint = (
                 f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
             )
@@ -139,7 +114,19 @@ def _build(cls: type, raw: Any, source: str, path: str) -> Any:
     for name, value in raw.items():
         key_path = f"{path}.{name}" if path else name
         values[name] = _checked(fields[name], hints[name], value, source, key_path)
-    return cls(**values)
+    return _consistent(cls(**values), source, path)
+
+
+def _consistent(config: Any, source: str, path: str) -> Any:
+    """`config`, if its fields agree with one another (its `mismatch()`), else `RecipeError`."""
+    mismatch = getattr(config, "mismatch", None)
+    found = mismatch() if mismatch is not None else None
+    if found is None:
+        return config
+    key, expected, value = found
+    raise RecipeError(
+        f"{source}: {f'{path}.{key}' if path else key}: expected {expected}, got {show(value)}"
+    )
 
 
 def _checked(
@@ -149,8 +136,12 @@ def _checked(
     value = _convert(hint, value, source, key_path)
     meta = spec.metadata
     if "check" in meta and not meta["check"](value):
-        got = "null" if value is None else _show(value)
+        got = "null" if value is None else show(value)
         raise RecipeError(f"{source}: {key_path}: expected {meta['expected']}, got {got}")
+    if type(value) is int and not -INT64 <= value < INT64:  # an int field or one typed Any
+        raise RecipeError(
+            f"{source}: {key_path}: expected an integer below 2**63 in size, got {show(value)}"
+        )
     return value
 
 
@@ -160,7 +151,7 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
     args = typing.get_args(tp)
 
     def fail(expected: str) -> RecipeError:
-        return RecipeError(f"{source}: {path}: expected {expected}, got {_show(value)}")
+        return RecipeError(f"{source}: {path}: expected {expected}, got {show(value)}")
 
     if dataclasses.is_dataclass(tp):
         return _build(tp, value if value is not None else {}, source, path)
@@ -227,11 +218,6 @@ def _looks_like_number(text: str) -> bool:
     return True
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 # -- typed values: a command's options --------------------------------------------------------
 @dataclass(frozen=True)
 class RecipeOption:
@@ -278,7 +264,8 @@ def _replace_at(config: Any, parts: list[str], value: Any, source: str, key: str
         return dataclasses.replace(config, **{name: inner})
     hint = typing.get_type_hints(type(config))[name]
     checked = _checked(_field(type(config), name), hint, value, source, key)
-    return dataclasses.replace(config, **{name: checked})
+    replaced = dataclasses.replace(config, **{name: checked})
+    return _consistent(replaced, source, key.rpartition(".")[0])
 
 
 def _field(cls: type, name: str) -> dataclasses.Field[Any]:

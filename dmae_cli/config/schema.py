@@ -13,26 +13,42 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dmae_cli.config.fields import (
+    MAX_TOKENS,
     all_non_negative,
-    all_positive,
     batch_size_setting,
     closed,
+    device_name,
     flag,
     half_open,
+    noise_level,
+    noise_levels,
     non_negative,
     number_or_word,
     open_interval,
     optional,
     parallel_setting,
+    plain_name,
     positive,
+    seed_range,
+    side,
 )
+
+# A field that disagrees with another: (its key in the section, what it should be, its value).
+Mismatch = tuple[str, str, Any]
+
+
+def _divides(key: str, value: Any, whole: Any, whole_key: str) -> Mismatch | None:
+    """`key` must divide `whole_key` (when both are positive integers; else other checks apply)."""
+    if all(type(v) is int and v > 0 for v in (value, whole)) and whole % value:
+        return key, f"a divisor of {whole_key} ({whole})", value
+    return None
 
 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"  # a name in the `dmae.datasets` registry
     root: str | None = None  # local path of the data; never downloaded
-    image_size: int = field(default=16, metadata=positive())  # native side: noise is added here
+    image_size: int = field(default=16, metadata=side())  # native side: noise is added here
     options: dict[str, Any] = field(default_factory=dict)  # passed to the dataset plugin
     num_workers: int = field(default=0, metadata=non_negative())
     pin_memory: bool = False
@@ -42,9 +58,25 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "vit_tiny"  # a name in the `dmae.backbones` registry
-    image_size: int = field(default=16, metadata=positive())  # model input; resized if it differs
+    image_size: int = field(default=16, metadata=side())  # model input; resized if it differs
     patch_size: int = field(default=4, metadata=positive())
     options: dict[str, Any] = field(default_factory=dict)  # overrides for the backbone factory
+
+    def mismatch(self) -> Mismatch | None:
+        """Patches tile the input, in a grid a checkpoint's description allows; heads split the
+        width (when the options give both)."""
+        tiles = _divides("patch_size", self.patch_size, self.image_size, "model.image_size")
+        if tiles is None and (self.image_size // self.patch_size) ** 2 > MAX_TOKENS:
+            side = int(MAX_TOKENS**0.5)
+            least = -(-self.image_size // side)
+            grid = f"a grid of at most {side} x {side} on model.image_size {self.image_size}"
+            return "patch_size", f"patches of {least} pixels or more ({grid})", self.patch_size
+        return tiles or _divides(
+            "options.num_heads",
+            self.options.get("num_heads"),
+            self.options.get("embed_dim"),
+            "model.options.embed_dim",
+        )
 
 
 @dataclass(frozen=True)
@@ -66,7 +98,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig(OptimConfig):
-    sigma: float = field(default=0.25, metadata=positive())
+    sigma: float = field(default=0.25, metadata=noise_level())
     mask_ratio: float = field(default=0.75, metadata=half_open(0.0, 1.0))
     norm_pix_loss: bool = True
     decoder_embed_dim: int = field(default=512, metadata=positive())
@@ -74,6 +106,14 @@ class PretrainConfig(OptimConfig):
     decoder_num_heads: int = field(default=16, metadata=positive())
     init: str | None = None  # a DMAE/MAE checkpoint to continue from (e.g. CIFAR-10 after ImageNet)
     reconstructions: int = field(default=8, metadata=non_negative())  # rows in reconstructions.png
+
+    def mismatch(self) -> Mismatch | None:
+        return _divides(
+            "decoder_num_heads",
+            self.decoder_num_heads,
+            self.decoder_embed_dim,
+            "pretrain.decoder_embed_dim",
+        )
 
 
 @dataclass(frozen=True)
@@ -93,7 +133,7 @@ class ProbeConfig(OptimConfig):
 class FinetuneConfig(OptimConfig):
     sigma: tuple[float, ...] = field(
         default=(0.25,),
-        metadata=all_positive() | flag("Noise level to train a model for; repeatable.", "--sigma"),
+        metadata=noise_levels() | flag("Noise level to train a model for; repeatable.", "--sigma"),
     )
     blr: float = field(default=5e-4, metadata=positive())
     min_lr: float = field(default=1e-6, metadata=non_negative())
@@ -136,7 +176,7 @@ class FinetuneConfig(OptimConfig):
 class CertifyConfig:
     sigma: tuple[float, ...] = field(
         default=(0.25,),
-        metadata=all_positive() | flag("Noise level(s): --sigma 0.25 0.5.", "--sigma"),
+        metadata=noise_levels() | flag("Noise level(s): --sigma 0.25 0.5.", "--sigma"),
     )
     certifier: str = field(  # a name in the `dmae.certifiers` registry
         default="cohen", metadata=flag("Certifier plugin, e.g. cohen or sequential.")
@@ -211,9 +251,13 @@ class CertifyConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    name: str = "run"
-    seed: int = field(default=0, metadata=flag("Random seed; certify draws its noise from it."))
-    device: str = "auto"  # auto: CUDA when present, else CPU
+    name: str = field(default="run", metadata=plain_name())  # outputs in runs_dir/<name>/
+    seed: int = field(
+        default=0,
+        metadata=seed_range() | flag("Random seed; certify draws its noise from it."),
+    )
+    # auto: CUDA when present, else CPU; a device the machine lacks stops the stage at its start
+    device: str = field(default="auto", metadata=device_name())
     # auto: bf16 autocast on CUDA; on a CPU fp32 for training, and for certification bf16 when the
     # CPU has native bf16 (AVX512-BF16 or AMX), else fp32 (see dmae_cli/runtime/precision.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
