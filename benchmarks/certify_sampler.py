@@ -5,9 +5,10 @@ images) with the same randomly initialised classifier built by `build_classifier
 
 Ours: `dmae_cli.smoothing.sampler.Sampler` as `dmae certify` uses it (noise drawn in fp32
 on the device from the per-example generator, scaled and added in place, bf16 autocast when
-`--precision` resolves to it, votes kept on the device and counted by one `bincount` per
-call). `--precision auto` resolves as `dmae certify` resolves it (bf16 on CUDA; the line
-`ours autocast` says what it chose); pass `--precision bf16` or `fp32` to fix it.
+`--precision` resolves to it, votes added into class counts on the device as each pass ends,
+one copy to the host per call). `--precision auto` resolves as `dmae certify` resolves it
+(bf16 on CUDA; the line `ours autocast` says what it chose); pass `--precision bf16` or `fp32`
+to fix it.
 `--parallel auto` runs as many passes at once as `dmae certify` would (on a CPU one per core,
 each on one core; 1 on CUDA).
 
