@@ -59,7 +59,13 @@ from torch.utils.data import IterableDataset
 from dmae_cli.api import DatasetInfo
 from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._common import DataError, SkipCounter
-from dmae_plugins.datasets._shard_files import decode_image, decode_label, open_shard
+from dmae_plugins.datasets._shard_files import (
+    MAX_MEMBER_BYTES,
+    decode_image,
+    decode_label,
+    open_shard,
+    read_samples,
+)
 from dmae_plugins.datasets.imagefolder import DECODE_ERRORS
 
 NAME = "webdataset"  # the plugin, as messages name it
@@ -112,6 +118,8 @@ class StreamConfig:
     epoch_length: int | None  # samples per rank per epoch
     strict: bool
     seed: int
+    stored_size: int | None = None  # the side every image must have (from the manifest)
+    max_member_bytes: int = MAX_MEMBER_BYTES  # a larger member makes its sample corrupt
 
 
 class ShardStream(IterableDataset):
@@ -336,7 +344,7 @@ class ShardStream(IterableDataset):
         fine but `transform` is off."""
         try:
             label = decode_label(sample, self.info.num_classes)
-            image = decode_image(sample, self.info.channels)
+            image = decode_image(sample, self.info.channels, self.config.stored_size)
         except SAMPLE_ERRORS as exc:
             self._skip(
                 f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')!r} is corrupt "
@@ -347,13 +355,11 @@ class ShardStream(IterableDataset):
 
     def _read_shard(self, index: int) -> Iterator[dict[str, Any]]:
         """The samples of one shard, as dicts of raw bytes; a bad shard is skipped or raised."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
         url, read, finished = self.urls[index], 0, False
         try:
             stream = open_shard(url)
             try:
-                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                for sample in read_samples(url, stream, self.config.max_member_bytes):
                     read += 1
                     yield sample
                 finished = True

@@ -15,22 +15,26 @@ names in its own directory, opened as files (a name that is a command, a URL, a 
 out of the directory is refused in one line).
 
 Metadata (num_classes, class names, channels, mean, std, stored image size, samples per shard)
-comes from the manifest: option `manifest` (a path or a `pipe:` URL), or the one `dmae shard`
-wrote next to local shards (`PREFIX-manifest.json` beside `PREFIX-000000.tar`). Options
-`num_classes`, `channels`, `mean`, `std` and `class_names` override it (with a warning) or
-stand in for it; without either, construction fails with one line saying what to set. A
-manifest of another split than the requested one is refused: training on test data by a
-misplaced pattern must not pass silently.
+comes from the manifest, every field checked for its type and range first (`data/manifest.py`),
+and a shard's count checked against its file's size: option `manifest` (a path or a `pipe:`
+URL), or the one `dmae shard` wrote next to local shards (`PREFIX-manifest.json` beside
+`PREFIX-000000.tar`). Options `num_classes`, `channels`, `mean`, `std` and `class_names`
+override it (with a warning) or stand in for it; without either, construction fails with one
+line saying what to set. A manifest of another split than the requested one is refused: training
+on test data by a misplaced pattern must not pass silently.
 
 Reading. The shards are shuffled per epoch and dealt to ranks and DataLoader workers, or drawn
 at random with `resampled: true`, with `len(dataset)` the samples this rank yields per epoch
 (`epoch_length` caps or sets it); every random choice follows option `seed`, so a run, and a
-resumed epoch, repeats exactly; `shuffle` is the size of the sample buffer (default 1000 for
-the train split, 0 for test). Only `<key>.cls` and one image member (png, jpg/jpeg, webp, npy)
-are read, never unpickled. A corrupt sample or a bad shard is skipped with a warning and
-counted in `dataset.skipped`; with `strict: true` the first one raises one `UserError` line
-naming the shard instead. The details are the stream's, in `_shard_stream.py`; the
-augmentation's code is in `_shard_transforms.py`.
+resumed epoch, repeats exactly; `shuffle` is the size of the sample buffer (default 1000 for the
+train split, 0 for test). Only `<key>.cls` and one image member (png, jpg/jpeg, webp, npy) are
+read, never unpickled, and nothing a shard claims is believed unchecked: a member larger than
+`max_member_bytes` (default 64 MiB) is not read, and an image whose declared size (an npy
+header's shape, a PNG's width and height) is not the manifest's stored size and channels is not
+decoded; either makes its sample corrupt. A corrupt sample or a bad shard is skipped with a
+warning and counted in `dataset.skipped`; with `strict: true` the first one raises one
+`UserError` line naming the shard instead. The details are the stream's, in `_shard_stream.py`;
+the augmentation's code is in `_shard_transforms.py`.
 
 Augmentation. Images become float (C, H, W) in [0, 1]. `augmentation: imagenet` is
 imagefolder's RandomResizedCrop(scale 0.2-1, bicubic) + flip for training and, for evaluation,
@@ -43,7 +47,6 @@ from 96 pixels up and `light` below.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from contextlib import closing
@@ -52,7 +55,15 @@ from pathlib import Path
 from typing import Any
 
 from dmae_cli.api import DatasetInfo
-from dmae_cli.data.manifest import MANIFEST_SUFFIX, listed_shard
+from dmae_cli.data.manifest import (
+    MANIFEST_SUFFIX,
+    MAX_MANIFEST_BYTES,
+    ManifestError,
+    check_metadata,
+    listed_shard,
+    parse_manifest,
+    read_manifest_file,
+)
 from dmae_cli.runtime.errors import UserError
 from dmae_plugins.datasets._common import (
     check_image_size,
@@ -60,7 +71,7 @@ from dmae_plugins.datasets._common import (
     fingerprint,
     normalize_split,
 )
-from dmae_plugins.datasets._shard_files import local_path
+from dmae_plugins.datasets._shard_files import MAX_MEMBER_BYTES, local_path
 from dmae_plugins.datasets._shard_stream import NAME, ShardStream, StreamConfig
 from dmae_plugins.datasets._shard_transforms import make_transform
 
@@ -83,6 +94,7 @@ OPTIONS: dict[str, type] = {
     "mean": list,
     "std": list,
     "class_names": list,
+    "max_member_bytes": int,
 }
 METADATA = ("num_classes", "channels", "mean", "std")
 
@@ -120,20 +132,25 @@ def sibling_manifest(url: str) -> Path | None:
 
 
 def read_manifest(where: str | Path) -> dict[str, Any]:
-    """A manifest from a local path or a `pipe:` URL; one clear line when it is unusable."""
+    """A manifest from a local path or a `pipe:` URL, every field checked; one clear line when
+    it is unusable."""
     try:
         if str(where).startswith("pipe:"):
             import webdataset as wds
 
             with closing(wds.gopen(str(where), "rb")) as stream:
-                text = stream.read().decode("utf-8")
+                text = stream.read(MAX_MANIFEST_BYTES + 1)
+            if len(text) > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+            manifest = parse_manifest(text)
         else:
-            text = Path(where).expanduser().read_text(encoding="utf-8")
-        manifest = json.loads(text)
-    except (OSError, ValueError) as exc:
+            manifest = read_manifest_file(Path(where).expanduser())
+    except ManifestError as exc:
+        raise UserError(
+            f"dataset '{NAME}': {str(where)!r} is not a usable dmae shard manifest: {exc}"
+        ) from None
+    except OSError as exc:
         raise UserError(f"dataset '{NAME}': cannot read manifest {str(where)!r}: {exc}") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
-        raise UserError(f"dataset '{NAME}': {str(where)!r} is not a dmae shard manifest")
     if manifest.get("complete") is False:
         raise UserError(
             f"dataset '{NAME}': {str(where)!r} is incomplete (dmae shard was interrupted); "
@@ -146,23 +163,37 @@ def manifest_shards(manifest: dict[str, Any], where: Path) -> tuple[list[str], l
     """The shard files (absolute paths beside the manifest) and their sample counts."""
     urls, counts = [], []
     for shard in manifest.get("shards", []):
-        name = shard.get("name") if isinstance(shard, dict) else None
         try:  # a data file names files beside itself, never a command, URL or path elsewhere
-            urls.append(str(listed_shard(where, name)))
+            urls.append(str(listed_shard(where, shard["name"])))
         except ValueError as exc:
             raise UserError(f"dataset '{NAME}': {str(where)!r}: {exc}") from None
-        counts.append(int(shard.get("samples", 0)))
+        counts.append(shard["samples"])  # an int in range: check_manifest saw to it
     if not urls:
         raise UserError(f"dataset '{NAME}': {str(where)!r} lists no shards")
     return urls, counts
 
 
+def check_counts(urls: list[str], counts: list[int] | None) -> None:
+    """A count no file could hold is a lie, not a promise: every sample takes at least a byte of
+    its shard (two 512-byte tar headers and their data, however well compressed)."""
+    if counts is None:  # no manifest gives them
+        return
+    for url, count in zip(urls, counts, strict=True):
+        path = local_path(url)
+        size = path.stat().st_size if path is not None and path.is_file() else None
+        if size is not None and count > size:
+            raise UserError(
+                f"dataset '{NAME}': the manifest says {url!r} holds {count} samples, but the "
+                f"file has {size} bytes; it is not the manifest of these shards"
+            )
+
+
 def peek_split(path: Path) -> Any:
-    """The split a manifest declares (None when unreadable), without validating the rest."""
+    """The split a manifest declares, or why it is not one."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("split")
-    except (OSError, ValueError, AttributeError):
-        return None
+        return read_manifest_file(path).get("split")
+    except (OSError, ManifestError) as exc:
+        return f"not a manifest: {exc}"
 
 
 def manifest_in_dir(directory: Path, split: str) -> Path:
@@ -224,6 +255,7 @@ def locate(split: str, root: str | None, opts: dict[str, Any]) -> Located:
             f"'{manifest.get('split')}', not '{split}'; set option urls_{split} or data.root"
         )
     check_local_shards(urls)
+    check_counts(urls, counts)
     return Located(urls, counts, manifest)
 
 
@@ -231,7 +263,7 @@ def counts_for(urls: list[str], manifest: dict[str, Any] | None) -> list[int] | 
     """Per-shard counts for explicit URLs, matched to the manifest by file name."""
     if manifest is None:
         return None
-    by_name = {s.get("name"): int(s.get("samples", 0)) for s in manifest.get("shards", [])}
+    by_name = {s["name"]: s["samples"] for s in manifest.get("shards", [])}
     names = [url.rstrip("/").rsplit("/", 1)[-1].split()[0] for url in urls]
     if not all(name in by_name for name in names):
         return None  # e.g. pipe: commands: counts cannot be matched to URLs
@@ -254,6 +286,8 @@ def metadata(manifest: dict[str, Any] | None, opts: dict[str, Any]) -> dict[str,
             meta[key] = opts[key]
         elif from_manifest is not None:
             meta[key] = from_manifest
+    if manifest and "image_size" in manifest:  # the stored side: decoded images must have it
+        meta["image_size"] = manifest["image_size"]
     missing = [key for key in METADATA if key not in meta]
     if missing:
         raise UserError(
@@ -265,30 +299,26 @@ def metadata(manifest: dict[str, Any] | None, opts: dict[str, Any]) -> dict[str,
 
 
 def build_info(meta: dict[str, Any], split: str, image_size: int, source: Any) -> DatasetInfo:
-    channels, num_classes = int(meta["channels"]), int(meta["num_classes"])
-    mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    names = tuple(str(n) for n in meta.get("class_names") or ())
-    if channels < 1 or num_classes < 1 or len(mean) != channels or len(std) != channels:
-        raise UserError(
-            f"dataset '{NAME}': need channels >= 1, num_classes >= 1 and one mean and std per "
-            f"channel; got channels={channels}, num_classes={num_classes}, mean={list(mean)}, "
-            f"std={list(std)}"
-        )
-    if names and len(names) != num_classes:
-        raise UserError(f"dataset '{NAME}': {len(names)} class_names for {num_classes} classes")
+    """The data set's description; `meta` (options over a checked manifest) checked whole."""
+    try:
+        check_metadata(meta)
+    except ManifestError as exc:
+        raise UserError(f"dataset '{NAME}': {exc}") from None
     return DatasetInfo(
-        num_classes=num_classes,
+        num_classes=meta["num_classes"],
         image_size=image_size,
-        channels=channels,
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
-        class_names=names,
+        channels=meta["channels"],
+        mean=tuple(float(m) for m in meta["mean"]),
+        std=tuple(float(s) for s in meta["std"]),
+        class_names=tuple(str(n) for n in meta.get("class_names") or ()),
         fingerprint=fingerprint(NAME, split, image_size, source),
     )
 
 
 # -- the factory --------------------------------------------------------------------------------
-def stream_config(split: str, opts: dict[str, Any], counts: list[int] | None) -> StreamConfig:
+def stream_config(
+    split: str, opts: dict[str, Any], counts: list[int] | None, stored_size: int | None = None
+) -> StreamConfig:
     train = split == "train"
     shuffle = opts.get("shuffle", DEFAULT_SHUFFLE if train else 0)
     epoch_length = opts.get("epoch_length")
@@ -297,6 +327,9 @@ def stream_config(split: str, opts: dict[str, Any], counts: list[int] | None) ->
         raise UserError(f"dataset '{NAME}': option shuffle must be >= 0, got {shuffle}")
     if epoch_length is not None and epoch_length < 1:
         raise UserError(f"dataset '{NAME}': option epoch_length must be >= 1, got {epoch_length}")
+    max_member = opts.get("max_member_bytes", MAX_MEMBER_BYTES)
+    if max_member < 1:
+        raise UserError(f"dataset '{NAME}': option max_member_bytes must be >= 1, got {max_member}")
     if resampled and epoch_length is None and counts is None:
         raise UserError(
             f"dataset '{NAME}': resampled: true needs option epoch_length (samples per rank per "
@@ -309,6 +342,8 @@ def stream_config(split: str, opts: dict[str, Any], counts: list[int] | None) ->
         epoch_length=epoch_length,
         strict=opts.get("strict", False),
         seed=opts.get("seed", 0),
+        stored_size=stored_size,
+        max_member_bytes=max_member,
     )
 
 
@@ -324,7 +359,8 @@ def webdataset(
 
     `root` is a directory of shards with their manifests, a manifest .json or a shard pattern.
     Options: urls, urls_train, urls_test, manifest, shuffle, resampled, epoch_length, seed,
-    strict, augmentation, max_shift, hflip, and num_classes, channels, mean, std, class_names
+    strict, augmentation, max_shift, hflip, max_member_bytes, and num_classes, channels, mean,
+    std, class_names
     when no manifest describes the shards. See the module docstrings (this one's and
     `_shard_stream`'s) for each.
     """
@@ -336,5 +372,5 @@ def webdataset(
     source = (located.manifest or {}).get("fingerprint") or "::".join(located.urls)
     info = build_info(meta, split, image_size, source)
     transform = make_transform(opts, image_size, augment, info.channels)
-    config = stream_config(split, opts, located.counts)
+    config = stream_config(split, opts, located.counts, meta.get("image_size"))
     return ShardStream(located.urls, located.counts, info, transform, config)
