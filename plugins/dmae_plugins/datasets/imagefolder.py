@@ -3,6 +3,8 @@
 Split "test" (or "val") reads `root/val/`, or `root/test/` when there is no `val/`. Class names
 are the sorted sub-directories of `root/train/` when it exists, so that a label means the same
 class in both splits even when the evaluation folder lacks some classes.
+Links are followed, but no folder is read twice: a link loop (`loop -> .`) or a second link to
+one folder adds nothing, and one warning names what was passed over.
 
 Transforms follow the paper (and MAE): for training RandomResizedCrop(image_size, scale 0.2-1,
 bicubic) and a horizontal flip; for evaluation a bicubic resize of the shorter side to
@@ -82,16 +84,30 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(EXTENSIONS)
 
 
-def class_files(directory: Path, class_name: str) -> list[str]:
+def class_files(
+    directory: Path, class_name: str, seen: set[tuple[int, int]], skipped: list[str]
+) -> list[str]:
     """Every image under `directory/class_name` (recursively, links followed), sorted, as paths
-    relative to `directory`."""
+    relative to `directory`.
+
+    Each directory is read once: `seen` holds the (device, inode) of those already read, for
+    the whole split, so a link back up the tree (`loop -> .`) or to a folder read elsewhere
+    adds nothing; the links passed over are appended to `skipped`. A class folder that is
+    itself a folder read before (a link to the split's folder or to another class) is refused.
+    """
     class_dir = directory / class_name
-    found = [
-        os.path.relpath(folder, directory) + os.sep + name  # one relpath per folder, not per file
-        for folder, _, names in os.walk(class_dir, followlinks=True)
-        for name in names
-        if _is_image(name)
-    ]
+    if not _first_visit(class_dir, seen):
+        raise UserError(
+            f"dataset '{NAME}': class folder {str(class_dir)!r} is a link to a folder already "
+            "read (the split's own folder or another class's); each class needs its own folder"
+        )
+    found: list[str] = []
+    for folder, subdirs, names in os.walk(class_dir, followlinks=True):
+        fresh = [d for d in subdirs if _first_visit(Path(folder, d), seen)]
+        skipped += [os.path.join(folder, d) for d in subdirs if d not in fresh]
+        subdirs[:] = fresh
+        relative = os.path.relpath(folder, directory) + os.sep  # once per folder
+        found += [relative + name for name in names if _is_image(name)]
     if not found:
         listed = ", ".join(EXTENSIONS)
         raise UserError(
@@ -100,20 +116,45 @@ def class_files(directory: Path, class_name: str) -> list[str]:
     return sorted(found)
 
 
+def _first_visit(folder: Path, seen: set[tuple[int, int]]) -> bool:
+    """Whether `folder` (through links) is a directory not read before; marks it read."""
+    try:
+        info = folder.stat()
+    except OSError:  # a dangling link or a loop too deep to resolve: os.walk passes it over too
+        return False
+    identity = (info.st_dev, info.st_ino)
+    if identity in seen:
+        return False
+    seen.add(identity)
+    return True
+
+
 def scan(directory: Path, classes: tuple[str, ...]) -> tuple[list[str], list[int]]:
-    """The files (relative to `directory`) of every class folder there and their labels."""
+    """The files (relative to `directory`) of every class folder there and their labels; one
+    warning names the folders passed over because they were read already (link loops)."""
     index = {name: i for i, name in enumerate(classes)}
     files: list[str] = []
     labels: list[int] = []
+    seen: set[tuple[int, int]] = set()
+    skipped: list[str] = []
+    _first_visit(directory, seen)  # the split's own folder is no class: a link to it is a loop
     for name in find_classes(directory):
         if name not in index:
             raise UserError(
                 f"dataset '{NAME}': class folder {str(directory / name)!r} is not among the "
                 f"training classes ({len(classes)} folders in train/)"
             )
-        found = class_files(directory, name)
+        found = class_files(directory, name, seen, skipped)
         files += found
         labels += [index[name]] * len(found)
+    if skipped:
+        log.warning(
+            "dataset '%s': skipped %d linked folder(s) already read through another path (a "
+            "link loop or a second link to one folder), e.g. %r; each folder is read once",
+            NAME,
+            len(skipped),
+            skipped[0],
+        )
     return files, labels
 
 
