@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,11 @@ class AtomicShardWriter:
     exceed `max_size` by one sample). After every finished shard `on_shard(record)` is called
     with its name, sample count, bytes and sha256; the caller records it in the manifest, which
     is what makes resuming safe.
+
+    A write that fails (a full disk, a quota, a read-only directory) ends in one `UserError`
+    line naming the shard and the reason, even when a library wrapped the OSError on its way up;
+    the shard in progress is removed, and so is a finished one the manifest could not record,
+    so only whole, listed shards remain and the same command resumes after them.
     """
 
     def __init__(
@@ -124,56 +129,115 @@ class AtomicShardWriter:
         self.on_shard = on_shard
         self.count = 0
         self._file: Any = None
+        self._partial: Path | None = None
+        self._error: OSError | None = None  # the last failed write, however it was reported
         # ShardWriter names shards `pattern % number`: a '%' in the prefix must stay literal.
         pattern = str(prefix).replace("%", "%%") + f"-%0{SHARD_DIGITS}d.tar"
-        self.writer = wds.ShardWriter(
-            pattern,
-            maxcount=max_count,
-            maxsize=max_size,
-            post=self._finish,
-            start_shard=start_shard,
-            verbose=0,
-            opener=self._open,
-            encoder=False,  # values are bytes already: nothing is pickled
-            mtime=0,  # reproducible archives: the same settings give the same sha256
-        )
+        with self._writing():
+            self.writer = wds.ShardWriter(
+                pattern,
+                maxcount=max_count,
+                maxsize=max_size,
+                post=self._finish,
+                start_shard=start_shard,
+                verbose=0,
+                opener=self._open,
+                encoder=False,  # values are bytes already: nothing is pickled
+                mtime=0,  # reproducible archives: the same settings give the same sha256
+            )
 
     def _open(self, name: str) -> Any:
-        self._file = open(name + ".partial", "wb")  # noqa: SIM115 - closed in _finish
+        self._partial = Path(name + ".partial")
+        self._file = _RecordsWriteErrors(open(self._partial, "wb"), self)  # noqa: SIM115
         self.count = 0
         return self._file
 
     def _finish(self, name: str) -> None:
-        file, self._file = self._file, None
+        """Make the shard whole (fsync, rename) and have it recorded; undo both on failure."""
+        file = self._file
         file.flush()
         os.fsync(file.fileno())
         file.close()
         os.replace(name + ".partial", name)
+        self._file = self._partial = None
         path = Path(name)
-        self.on_shard(
-            {
-                "name": path.name,
-                "samples": self.count,
-                "bytes": path.stat().st_size,
-                "sha256": file_sha256(path),
-            }
-        )
+        try:
+            self.on_shard(
+                {
+                    "name": path.name,
+                    "samples": self.count,
+                    "bytes": path.stat().st_size,
+                    "sha256": file_sha256(path),
+                }
+            )
+        except BaseException:
+            path.unlink(missing_ok=True)  # whole but unlisted: the rerun writes it again
+            raise
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """On a failed write, drop the shard in progress and say so in one line."""
+        try:
+            yield
+        except Exception as exc:
+            cause = exc if isinstance(exc, OSError) else self._error
+            shard = self._partial.with_suffix("") if self._partial else "the shards"
+            self.abort()
+            if cause is None or isinstance(exc, UserError):
+                raise
+            raise UserError(
+                f"could not write {shard}: {cause.strerror or cause}; the shards finished "
+                "before it are kept: run the same command again to resume"
+            ) from exc
 
     def write(self, key: str, image: bytes, suffix: str, label: int) -> None:
-        self.writer.write({"__key__": key, suffix: image, "cls": str(label).encode("ascii")})
+        with self._writing():
+            self.writer.write({"__key__": key, suffix: image, "cls": str(label).encode("ascii")})
         self.count += 1
 
     def close(self) -> None:
         """Finish the last shard (it may be short)."""
-        self.writer.close()
+        with self._writing():
+            self.writer.close()
 
     def abort(self) -> None:
-        """Drop the shard being written: it may end inside a sample. A rerun redoes it."""
-        if self._file is None:
-            return
-        with suppress(Exception):  # let tarfile flush into the doomed file, not a closed one
-            self.writer.tarstream.close()
-        self.writer.tarstream = None
-        self._file.close()
-        Path(self._file.name).unlink(missing_ok=True)
-        self._file = None
+        """Drop the shard being written: it may end inside a sample. A rerun redoes it. Never
+        raises: it runs while another exception is on its way to the user."""
+        writer = getattr(self, "writer", None)  # None when the constructor failed
+        if getattr(writer, "tarstream", None) is not None:  # ShardWriter.close deletes it
+            with suppress(Exception):  # tarfile flushes into the doomed file, which may fail
+                writer.tarstream.close()
+            writer.tarstream = None
+        if self._file is not None:
+            with suppress(Exception):  # closing flushes the buffer: on a full disk, it fails
+                self._file.close()
+            self._file = None
+        if self._partial is not None:
+            with suppress(OSError):
+                self._partial.unlink(missing_ok=True)
+            self._partial = None
+
+
+class _RecordsWriteErrors:
+    """A shard file whose failed writes are remembered, for when a library wraps the OSError."""
+
+    def __init__(self, raw: Any, owner: AtomicShardWriter) -> None:
+        self.raw = raw
+        self.owner = owner
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as exc:
+            self.owner._error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.raw.flush()
+        except OSError as exc:
+            self.owner._error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
