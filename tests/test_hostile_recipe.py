@@ -292,3 +292,12 @@ def test_run_directory_blocked_by_a_file_is_one_line(tmp_path: Path) -> None:
     file.write_text("not a directory")
     line = one_line_error(cli("pretrain", RECIPE, "--set", f"runs_dir={file}"))
     assert str(file) in line and "not a directory" in line, line
+
+
+def test_heads_that_do_not_divide_the_backbones_default_width_are_one_line() -> None:
+    """The recipe checks num_heads against an embed_dim it is given; without one, the
+    backbone's own default width decides, and timm asserts: still one line."""
+    from dmae_cli.models.backbone import build_backbone
+
+    with pytest.raises(UserError, match=r"backbone 'vit_tiny' rejected its options .*num_heads"):
+        build_backbone("vit_tiny", img_size=16, patch_size=4, in_chans=1, num_heads=5)

@@ -17,5 +17,5 @@ def build_backbone(
     factory = registry.backbones.get(name)
     try:
         return factory(img_size=img_size, patch_size=patch_size, in_chans=in_chans, **overrides)
-    except TypeError as exc:
+    except (TypeError, ValueError, AssertionError) as exc:  # timm asserts its shapes
         raise UserError(f"backbone '{name}' rejected its options {overrides}: {exc}") from exc
