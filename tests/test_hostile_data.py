@@ -72,12 +72,16 @@ def address_space_cap(extra: int = GiB) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
+class StillRunning(Exception):
+    """Not a TimeoutError: that is an OSError, which os.walk swallows and walks on."""
+
+
 @contextmanager
 def deadline(seconds: int) -> Iterator[None]:
     """A hang (a link loop walked for ever) fails the test instead of the whole run."""
 
     def expire(*_: object) -> None:
-        raise TimeoutError(f"still running after {seconds} s")
+        raise StillRunning(f"still running after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
@@ -295,7 +299,7 @@ def test_a_hostile_manifest_in_a_directory_is_named(written: Path, tmp_path: Pat
     manifest = json.loads((shards / "d-manifest.json").read_text())
     manifest["shards"][0]["samples"] = "abc"
     (shards / "d-manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=r"d-manifest\.json \(not a manifest: shard 0 .*abc"):
+    with pytest.raises(UserError, match=r"d-manifest\.json' is not a usable .*: shard 0 .*abc"):
         webdataset("test", root=str(shards), image_size=16)
 
 

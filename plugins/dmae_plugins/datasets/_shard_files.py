@@ -30,6 +30,7 @@ MAX_LABEL_BYTES = 32
 MAX_PIXELS = 2**26  # declared height x width when no manifest gives the stored size
 # A member larger than this is not even skipped (a stream skips by reading): the shard ends.
 MAX_SKIP_BYTES = 2**34
+SKIP_STEP = 4 * 2**20  # bytes read at a time past an oversized member
 MAX_NAME_CHARS = 4096  # PATH_MAX: a longer member name (a pax or GNU header) ends the shard
 _LONG_HEADERS = (
     tarfile.GNUTYPE_LONGNAME,
@@ -98,10 +99,20 @@ def _members(url: str, stream: IO[bytes], limit: int) -> Iterator[dict[str, Any]
                 continue  # never decoded: not read either (tarfile skips past it)
             if info.size > limit:
                 data: Any = Oversized(name, info.size, limit)
+                _read_past(tar, info)
             else:
                 member = tar.extractfile(info)
                 data = member.read() if member is not None else b""
             yield {"fname": name, "data": data, "__url__": url}
+
+
+def _read_past(tar: tarfile.TarFile, info: tarfile.TarInfo) -> None:
+    """Read a member to its end without keeping it. tarfile's own skip reads a compressed
+    stream 10 KB at a time, each step copying all it has decompressed: half a minute for a
+    gigabyte of zeros, where steps of `SKIP_STEP` take a second."""
+    member = tar.extractfile(info)
+    while member is not None and member.read(SKIP_STEP):
+        pass
 
 
 # -- decoding ------------------------------------------------------------------------------------

@@ -188,21 +188,28 @@ def check_counts(urls: list[str], counts: list[int] | None) -> None:
             )
 
 
-def peek_split(path: Path) -> Any:
-    """The split a manifest declares, or why it is not one."""
+def peek_split(path: Path) -> tuple[Any, str | None]:
+    """The split a manifest declares, and why it is not a usable manifest (None when it is)."""
     try:
-        return read_manifest_file(path).get("split")
+        return read_manifest_file(path).get("split"), None
     except (OSError, ManifestError) as exc:
-        return f"not a manifest: {exc}"
+        return None, str(exc)
 
 
 def manifest_in_dir(directory: Path, split: str) -> Path:
-    """The one `*-manifest.json` in `directory` whose split is `split`."""
-    splits = {path: peek_split(path) for path in sorted(directory.glob("*" + MANIFEST_SUFFIX))}
-    matches = [path for path, s in splits.items() if s == split]
+    """The one `*-manifest.json` in `directory` whose split is `split`; when there is none, the
+    first manifest there that is unusable is named with its problem."""
+    found = {path: peek_split(path) for path in sorted(directory.glob("*" + MANIFEST_SUFFIX))}
+    matches = [path for path, (s, _) in found.items() if s == split]
     if len(matches) == 1:
         return matches[0]
-    listed = ", ".join(f"{p.name} ({s})" for p, s in splits.items()) or "none"
+    broken = [(path, problem) for path, (_, problem) in found.items() if problem is not None]
+    if not matches and broken:
+        path, problem = broken[0]
+        raise UserError(
+            f"dataset '{NAME}': {str(path)!r} is not a usable dmae shard manifest: {problem}"
+        )
+    listed = ", ".join(f"{p.name} ({s})" for p, (s, _) in found.items()) or "none"
     if not matches:
         raise UserError(
             f"dataset '{NAME}': no manifest for split '{split}' in {str(directory)!r} "
