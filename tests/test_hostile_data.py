@@ -8,11 +8,12 @@ line with `strict`), never a traceback, an endless loop or an allocation a file 
 - webdataset manifests: samples 10**15 or "abc", channels "x", and every other field of the
   wrong type or out of range: test_hostile_manifest_is_one_line_naming_the_field; the same
   manifest met by a resumed `dmae shard`: test_resuming_over_a_hostile_manifest_is_one_line
-- shard members: an npy header claiming 1e10 floats, a PNG claiming 60000x60000 pixels, a
-  100 MB member in a 100 KB gzip shard, an oversized pax header, a megabyte label:
+- shard members: an npy header claiming 1e10 floats, a PNG claiming 9000x9000 pixels, a
+  100 MB member in a 100 KB gzip shard, an oversized pax header (test_an_oversized_tar_header_makes_the_shard_unreadable), a megabyte label:
   test_hostile_member_is_a_corrupt_sample (and test_strict_hostile_member_is_one_line)
 - imagefolder: link loops (`loop -> .`, two of them), a folder linked twice, a class folder
-  that links to the split: test_link_loops_are_read_once, test_class_folder_linking_back
+  that links to another: test_link_loops_are_read_once, test_dmae_shard_reads_a_looping_folder_once,
+  test_class_folder_linking_back_is_one_line
 - a full disk under `dmae shard --format npy`, on a shard or on the manifest:
   test_full_disk_is_one_line_and_leaves_only_listed_shards
 
