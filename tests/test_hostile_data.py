@@ -9,8 +9,9 @@ line with `strict`), never a traceback, an endless loop or an allocation a file 
   wrong type or out of range: test_hostile_manifest_is_one_line_naming_the_field; the same
   manifest met by a resumed `dmae shard`: test_resuming_over_a_hostile_manifest_is_one_line
 - shard members: an npy header claiming 1e10 floats, a PNG claiming 9000x9000 pixels, a
-  100 MB member in a 100 KB gzip shard, an oversized pax header (test_an_oversized_tar_header_makes_the_shard_unreadable), a megabyte label:
-  test_hostile_member_is_a_corrupt_sample (and test_strict_hostile_member_is_one_line)
+  100 MB member in a 100 KB gzip shard, a megabyte label: test_hostile_member_is_a_corrupt_sample
+  (and test_strict_hostile_member_is_one_line); an oversized pax header:
+  test_an_oversized_tar_header_makes_the_shard_unreadable
 - imagefolder: link loops (`loop -> .`, two of them), a folder linked twice, a class folder
   that links to another: test_link_loops_are_read_once, test_dmae_shard_reads_a_looping_folder_once,
   test_class_folder_linking_back_is_one_line
