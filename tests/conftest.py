@@ -97,3 +97,10 @@ def save_classifier(
     model = build_classifier(meta)
     checkpoint.save_checkpoint(path, {"model": model.state_dict(), "meta": meta, **state})
     return path
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    """A runs directory holding a sigma-0.5 model of the digits recipe."""
+    save_classifier(tmp_path / "runs" / "digits" / "finetune" / "sigma-0.5" / "best.pth")
+    return tmp_path / "runs"

@@ -61,13 +61,6 @@ runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def runs(tmp_path: Path) -> Path:
-    """A runs directory holding a sigma-0.5 model of the digits recipe."""
-    save_classifier(tmp_path / "runs" / "digits" / "finetune" / "sigma-0.5" / "best.pth")
-    return tmp_path / "runs"
-
-
 def recipe(runs: Path, *overrides: str) -> Recipe:
     items = [f"runs_dir={runs}", "device=cpu", "certify.sigma=[0.5]", *SMALL, *overrides]
     return load_recipe(RECIPE, items)

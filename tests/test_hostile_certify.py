@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, CountsFn, cohen_bound
 from dmae_cli.cli.app import app
-from dmae_cli.config.recipe import Recipe, load_recipe
 from dmae_cli.data.shard import ShardConfig, run_shard
 from dmae_cli.runtime import distributed
 from dmae_cli.runtime.errors import UserError
@@ -29,27 +28,14 @@ from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import MIN_RATIO, Sequential
 from dmae_plugins.datasets.webdataset import webdataset
 from tests.conftest import one_line_error, save_classifier
+from tests.test_certify import RECIPE, recipe
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = str(REPO / "recipes" / "digits.yaml")
-SMALL = ["certify.n=60", "certify.n0=10", "certify.batch_size=32", "certify.max_examples=8"]
 CPU = torch.device("cpu")
 RADII = (0.0, 0.25, 0.5, 1.0)
 runner = CliRunner()
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def runs(tmp_path: Path) -> Path:
-    """A runs directory holding a sigma-0.5 model of the digits recipe."""
-    save_classifier(tmp_path / "runs" / "digits" / "finetune" / "sigma-0.5" / "best.pth")
-    return tmp_path / "runs"
-
-
-def recipe(runs: Path, *overrides: str) -> Recipe:
-    items = [f"runs_dir={runs}", "device=cpu", "certify.sigma=[0.5]", *SMALL, *overrides]
-    return load_recipe(RECIPE, items)
 
 
 def cli(*args: str):
