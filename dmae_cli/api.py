@@ -18,6 +18,13 @@ Dataset
 
 Certifier
     A callable `factory(**options) -> Certifier`; see `Certifier` and `Certificate` below.
+    API 2 (this one): `certify(request)` and `predict(request)` are generators, sans-IO. They
+    yield how many fresh noisy copies of the input they want, receive those copies' class
+    counts (`counts = yield n0`), as often as they like, and return the `Certificate` (or the
+    predicted class). The certifier never touches the model, so one driver packs the requests
+    of many inputs into shared forward passes, and `simulate` drives one with synthetic votes.
+    API 1 (`CertifierV1`: `certify(counts, request)` with a `counts(num)` callback) still
+    runs, one input at a time; `certifier_api` tells the two apart by `certify`'s signature.
     The statistics a certifier needs come with them: `clopper_pearson_lower`, `gaussian_radius`
     and `cohen_bound` (Cohen et al.'s certificate from raw counts), for floats or arrays.
 """
@@ -26,14 +33,15 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
 
-API_VERSION = 1
+API_VERSION = 2
 
 
 # -- backbones ------------------------------------------------------------------------------
@@ -70,9 +78,10 @@ class DatasetFactory(Protocol):
 
 # -- certifiers -----------------------------------------------------------------------------
 CountsFn = Callable[[int], torch.Tensor]
-"""`counts(num)` draws `num` fresh noisy copies of one input, classifies them and returns the
-class counts as an int64 CPU tensor of length `num_classes`. Every call uses fresh noise, so
-a certifier that selects a class on one call and estimates on another never reuses samples."""
+"""API 1's callback: `counts(num)` draws `num` fresh noisy copies of one input, classifies
+them and returns the class counts as an int64 CPU tensor of length `num_classes`. Every call
+uses fresh noise, so a certifier that selects a class on one call and estimates on another
+never reuses samples."""
 
 ABSTAIN = -1
 
@@ -81,9 +90,11 @@ ABSTAIN = -1
 class Certificate:
     """The outcome of certifying one input. `prediction == ABSTAIN` means no certificate.
 
-    `extra` is free-form; the driver writes two of its keys to the output file when present:
+    `extra` is free-form; the run file gives two of its keys their own columns when present:
     `pa_lower` (the lower confidence bound on the selected class's probability behind `radius`)
-    and `stop` (why sampling ended, e.g. "budget", "settled", "skipped").
+    and `stop` (why sampling ended, e.g. "budget", "settled", "skipped"), and writes the others
+    to its `extra` column as JSON (numbers, strings, lists, dicts; numpy and torch values as
+    numbers or lists).
     """
 
     prediction: int
@@ -107,7 +118,7 @@ class Certificate:
 
 @dataclass(frozen=True)
 class CertifyRequest:
-    """Everything a certifier is told about one input besides its `counts` function."""
+    """Everything a certifier is told about one input besides the counts of its noisy copies."""
 
     sigma: float
     alpha: float
@@ -119,14 +130,35 @@ class CertifyRequest:
     label: int | None = None
 
 
+Draws = Generator[int, torch.Tensor, Any]
+"""A running certification (API 2): it yields how many fresh noisy copies it wants and is
+sent their class counts (int64 CPU tensor of length `num_classes`), until it returns."""
+
+
 @runtime_checkable
 class Certifier(Protocol):
-    """Decides how many samples to draw and turns class counts into a certified radius.
+    """Decides how many samples to draw and turns class counts into a certified radius (API 2).
+
+    `certify(request)` and `predict(request)` are generators that never touch the model:
+    `counts = yield num` asks for `num` fresh noisy copies of the input and receives their
+    class counts; they ask as often as they like, then return. Every answer uses fresh noise.
 
     `certify` must hold with probability at least 1 - alpha: if it returns class c with radius
     r >= 0, the smoothed classifier g predicts c everywhere within L2 distance r of the input.
     `predict` returns g's prediction, or ABSTAIN, and is wrong with probability at most alpha.
     """
+
+    name: str
+
+    def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, Certificate]: ...
+
+    def predict(self, request: CertifyRequest) -> Generator[int, torch.Tensor, int]: ...
+
+
+@runtime_checkable
+class CertifierV1(Protocol):
+    """API 1: the same promises, with a `counts(num)` callback instead of yields. Still run,
+    one input at a time (a callback cannot be answered together with other inputs')."""
 
     name: str
 
@@ -138,7 +170,74 @@ class Certifier(Protocol):
 class CertifierFactory(Protocol):
     """Builds a certifier from the recipe's `certify.options` (keyword arguments)."""
 
-    def __call__(self, **options: Any) -> Certifier: ...
+    def __call__(self, **options: Any) -> Certifier | CertifierV1: ...
+
+
+_PROBE = CertifyRequest(sigma=0.5, alpha=0.001, n0=1, n=1)  # a request to check signatures with
+
+
+def certifier_api(obj: Any) -> int:
+    """The certifier API `obj` implements: 2 when `certify` can be called with the request
+    alone, `certify(request)`, else 1 (`certify(counts, request)`). Decided from the signature,
+    without running anything. `obj` is a certifier or a certifier class; any other factory is
+    called with no options first (as `contract_problems` does; its exceptions propagate)."""
+    if not inspect.isclass(obj) and not hasattr(obj, "certify") and callable(obj):
+        obj = obj()
+    certify = getattr(obj, "certify", None)
+    if not callable(certify):
+        raise TypeError(f"{type(obj).__name__} has no certify method: not a certifier")
+    unbound = (None,) if inspect.isclass(obj) else ()  # a class's function still takes self
+    return 2 if _binds(certify, *unbound, _PROBE) is None else 1
+
+
+def simulate(
+    subject: Any,
+    request: CertifyRequest | None,
+    draw: Callable[[int], torch.Tensor],
+    *,
+    predict: bool = False,
+) -> Any:
+    """Run one certification against `draw(num)`, a synthetic source of class counts, and
+    return its result: how to test a certifier's statistics without a model.
+
+    `subject` is a certifier (API 2, or API 1 handed `draw` as its `counts`) with its
+    `request`, running `certify` (or `predict` when `predict` is true), or a generator that
+    one of them returned (then `request` is None). `draw` is answered in order, e.g.
+    `lambda num: torch.from_numpy(rng.multinomial(num, probs))` for known class
+    probabilities. A yield that is not a count of copies (an int >= 0) is a TypeError or
+    ValueError, as the certification driver raises it.
+    """
+    if inspect.isgenerator(subject):
+        if request is not None or predict:
+            raise TypeError("simulate: a generator has its request already; pass request=None")
+        running: Draws = subject
+    elif request is None:
+        raise TypeError("simulate: a certifier needs a CertifyRequest")
+    elif certifier_api(subject) == 1:
+        return (subject.predict if predict else subject.certify)(draw, request)
+    else:
+        running = (subject.predict if predict else subject.certify)(request)
+    try:
+        num = copies_asked(next(running))
+        while True:
+            num = copies_asked(running.send(draw(num)))
+    except StopIteration as done:
+        return done.value
+
+
+def copies_asked(num: Any) -> int:
+    """What an API-2 certifier yielded, checked: a number of noisy copies, an int >= 0."""
+    if isinstance(num, bool):
+        raise TypeError("a certifier yields how many noisy copies it wants, an int, not a bool")
+    try:
+        num = operator.index(num)
+    except TypeError:
+        raise TypeError(
+            f"a certifier yields how many noisy copies it wants, an int, not {type(num).__name__}"
+        ) from None
+    if num < 0:
+        raise ValueError(f"a certifier asked for {num} noisy copies; the number must be >= 0")
+    return num
 
 
 # -- the statistics of a certificate ----------------------------------------------------------
@@ -247,10 +346,30 @@ def _certifier_problems(factory: Any) -> list[str]:
     problems = []
     if not isinstance(getattr(certifier, "name", None), str):
         problems.append("has no `name` string")
+    if not callable(getattr(certifier, "certify", None)):
+        return [*problems, "has no `certify(request)` method"]
+    api = certifier_api(certifier)
+    params = "(request)" if api == 2 else "(counts, request)"
+    args = (_PROBE,) if api == 2 else (lambda num: None, _PROBE)
     for method in ("certify", "predict"):
         fn = getattr(certifier, method, None)
         if not callable(fn):
-            problems.append(f"has no `{method}(counts, request)` method")
-        elif why := _binds(fn, lambda num: None, None):
-            problems.append(f"`{method}(counts, request)`: {why}")
+            problems.append(f"has no `{method}{params}` method")
+        elif why := _binds(fn, *args):
+            problems.append(f"`{method}{params}`: {why}")
+        elif api == 2 and (why := _not_a_generator(fn)):
+            problems.append(f"`{method}(request)` {why}")
     return problems
+
+
+def _not_a_generator(method: Callable[[CertifyRequest], Any]) -> str | None:
+    """Why `method(request)` is no API-2 generator, or None. Calling a generator function only
+    creates the generator (none of its code runs), which is closed at once."""
+    try:
+        running = method(_PROBE)
+    except Exception as exc:  # a plugin's own failure: report it, never propagate it
+        return f"raised {type(exc).__name__}: {exc}"
+    if not inspect.isgenerator(running):
+        return f"returned {type(running).__name__}, not a generator (API 2 yields its draws)"
+    running.close()
+    return None

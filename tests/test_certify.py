@@ -12,13 +12,15 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 from typer.testing import CliRunner
 
-from dmae_cli.api import Certificate, CertifyRequest, CountsFn
+from dmae_cli.api import Certificate, CertifyRequest
 from dmae_cli.cli.app import app
 from dmae_cli.config.recipe import Recipe, load_recipe, recipe_to_yaml
 from dmae_cli.runtime.checkpoint import file_sha256
@@ -109,11 +111,11 @@ def test_a_crash_then_a_rerun_gives_the_uninterrupted_file(
     [whole] = run_certify(recipe(runs), out=tmp_path / "whole")
     certify, calls = Cohen.certify, []
 
-    def crashing(self: Cohen, counts: CountsFn, request: CertifyRequest) -> Certificate:
+    def crashing(self: Cohen, request: CertifyRequest) -> Generator[int, Tensor, Certificate]:
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt  # a hard kill in the middle of the fourth example
-        return certify(self, counts, request)
+        return (yield from certify(self, request))
 
     monkeypatch.setattr(Cohen, "certify", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -136,11 +138,13 @@ def test_a_signal_stops_after_the_current_group_and_the_rerun_resumes(
     [whole] = run_certify(recipe(runs, sequential[0]), out=tmp_path / "whole")
     original, calls = Sequential.certify, []
 
-    def interrupted(self: Sequential, counts: CountsFn, request: CertifyRequest) -> Certificate:
+    def interrupted(
+        self: Sequential, request: CertifyRequest
+    ) -> Generator[int, Tensor, Certificate]:
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the second example runs
-        return original(self, counts, request)
+        return (yield from original(self, request))
 
     monkeypatch.setattr(Sequential, "certify", interrupted)
     with pytest.raises(Interrupted) as stopped:

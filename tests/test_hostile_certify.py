@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from torch import Tensor
 from typer.testing import CliRunner
 
-from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, CountsFn, cohen_bound
+from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, cohen_bound, simulate
 from dmae_cli.cli.app import app
 from dmae_cli.data.shard import ShardConfig, run_shard
 from dmae_cli.runtime import distributed
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.smoothing.certify import run_certify
-from dmae_cli.smoothing.interleave import certify_together
+from dmae_cli.smoothing.drive import certify_all
 from dmae_cli.smoothing.jobs import Streamed, by_index
 from dmae_cli.smoothing.noise import NoiseStream
 from dmae_cli.smoothing.runfile import COLUMNS, Row, read_lines
@@ -80,9 +82,17 @@ def side_by_side(parallel: int):
                       precision="fp32", parallel=parallel)  # fmt: skip
     images = torch.rand(2, 1, 4, 4)
 
+    class Draw:  # an API-2 certifier asking for n copies once
+        name = "draw"
+
+        def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, None]:
+            yield request.n
+
+        predict = certify
+
     def call(copies: int) -> None:
-        tasks = [(images[i], example_generator(0, i, CPU), lambda c: c(copies)) for i in (0, 1)]
-        certify_together(sampler, tasks)
+        examples = [(images[i], example_generator(0, i, CPU)) for i in (0, 1)]
+        certify_all(sampler, examples, Draw(), [CertifyRequest(0.5, 0.001, 1, copies)] * 2)
 
     return call
 
@@ -230,11 +240,11 @@ def test_a_resumed_certification_of_shards_skips_the_finished_examples(
     whole = run_certify(recipe(runs, *both), out=tmp_path / "whole")
     certify, calls = Cohen.certify, []
 
-    def crashing(self: Cohen, counts: CountsFn, request: CertifyRequest) -> Certificate:
+    def crashing(self: Cohen, request: CertifyRequest) -> Generator[int, Tensor, Certificate]:
         calls.append(1)
         if len(calls) == 10:  # in the second sigma's second group
             raise KeyboardInterrupt
-        return certify(self, counts, request)
+        return (yield from certify(self, request))
 
     monkeypatch.setattr(Cohen, "certify", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -287,7 +297,7 @@ def test_streamed_data_under_torchrun_is_refused_in_one_line(
 
 
 # -- 5. never a non-finite radius -----------------------------------------------------------
-def scripted(*answers: list[int]) -> CountsFn:
+def scripted(*answers: list[int]) -> Callable[[int], Tensor]:
     calls: list[int] = []
 
     def counts(num: int) -> torch.Tensor:
@@ -301,7 +311,7 @@ def scripted(*answers: list[int]) -> CountsFn:
 def test_cohen_abstains_where_scipy_cannot_bound_at_a_tiny_alpha(votes: int) -> None:
     assert math.isnan(cohen_bound(0.5, votes, 100, 1e-300).pa_lower)  # what scipy does
     request = CertifyRequest(0.5, 1e-300, 10, 100, RADII)
-    cert = Cohen().certify(scripted([0, 10], [100 - votes, votes]), request)
+    cert = simulate(Cohen(), request, scripted([0, 10], [100 - votes, votes]))
     assert (cert.prediction, cert.radius) == (ABSTAIN, 0.0)
 
 
@@ -316,7 +326,7 @@ def test_every_radius_is_finite_whatever_the_alpha(name: str, alpha: float, top:
         hits = int(torch.binomial(torch.tensor(float(num)), torch.tensor(top), rng))
         return torch.tensor([num - hits, hits])
 
-    cert = certifier.certify(counts, CertifyRequest(0.5, alpha, 100, 1000, RADII))
+    cert = simulate(certifier, CertifyRequest(0.5, alpha, 100, 1000, RADII), counts)
     assert math.isfinite(cert.radius) and cert.radius >= 0
     assert cert.radius == 0.0 or not cert.abstained
 
@@ -331,7 +341,8 @@ def test_a_row_with_a_radius_that_is_not_finite_is_refused(radius: float) -> Non
 def test_a_certifier_returning_nan_stops_the_cli_in_one_line(
     runs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def nan_radius(self: Cohen, counts: CountsFn, request: CertifyRequest) -> Certificate:
+    def nan_radius(self: Cohen, request: CertifyRequest) -> Generator[int, Tensor, Certificate]:
+        yield request.n0
         return Certificate(0, math.nan, 0, 0, request.n0, {})
 
     monkeypatch.setattr(Cohen, "certify", nan_radius)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn as nn
 from torch.utils.data import IterableDataset
 
 from dmae_cli import __version__
-from dmae_cli.api import Certifier, CertifyRequest, CountsFn, DatasetInfo
+from dmae_cli.api import Certifier, CertifierV1, CertifyRequest, DatasetInfo
 from dmae_cli.config.recipe import CertifyConfig, Recipe
 from dmae_cli.data.loading import load_dataset
 from dmae_cli.models.classifier import load_classifier
@@ -37,8 +36,8 @@ from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.precision import autocast_dtype
+from dmae_cli.smoothing.drive import drive
 from dmae_cli.smoothing.found import model_path
-from dmae_cli.smoothing.interleave import certify_together
 from dmae_cli.smoothing.runfile import COLUMNS, FORMAT, Row
 from dmae_cli.smoothing.sampler import (
     Sampler,
@@ -119,7 +118,7 @@ def by_index(dataset: Any, name: str) -> Any:
     return Streamed(dataset, name)
 
 
-def build_certifier(cfg: CertifyConfig) -> Certifier:
+def build_certifier(cfg: CertifyConfig) -> Certifier | CertifierV1:
     """The certifier plugin named by the recipe, built with `certify.options`."""
     entry = registry.certifiers.entry(cfg.certifier)
     factory = registry.certifiers.get(cfg.certifier)
@@ -164,7 +163,7 @@ def make_header(
     recipe: Recipe,
     sigma: float,
     model: Path,
-    certifier: Certifier,
+    certifier: Certifier | CertifierV1,
     sampler: Sampler,
     info: DatasetInfo,
 ) -> dict[str, Any]:
@@ -293,30 +292,28 @@ class Job:
     recipe: Recipe
     sigma: float
     sampler: Sampler
-    certifier: Certifier
+    certifier: Certifier | CertifierV1
     dataset: Any
     header: dict[str, Any]
 
-    def task(self, idx: int) -> tuple[torch.Tensor, torch.Generator, Callable[[CountsFn], Row]]:
-        """Example `idx`, its own noise generator, and its certification given `counts`."""
+    def request(self, label: int) -> CertifyRequest:
+        """What the certifier is told about an example labelled `label`."""
         cfg = self.recipe.certify
-        image, label = self.dataset[idx]
-        label = int(label)
-        request = CertifyRequest(
-            self.sigma, cfg.alpha, cfg.n0, cfg.n, cfg.radii, label if cfg.skip_wrong else None
-        )
-        generator = example_generator(self.recipe.seed, idx, self.sampler.device)
-
-        def certify(counts: CountsFn) -> Row:
-            tick = time.perf_counter()
-            cert = self.certifier.certify(counts, request)
-            return Row.of(idx, label, cert, time.perf_counter() - tick, self.certifier.name)
-
-        return image, generator, certify
+        skip = label if cfg.skip_wrong else None
+        return CertifyRequest(self.sigma, cfg.alpha, cfg.n0, cfg.n, cfg.radii, skip)
 
     def rows(self, group: list[int]) -> list[Row]:
-        """Certify the examples of `group` side by side (see `dmae_cli.smoothing.interleave`)."""
-        if len(group) == 1:
-            image, generator, certify = self.task(group[0])
-            return [certify(self.sampler.counts(image, generator))]
-        return certify_together(self.sampler, [self.task(idx) for idx in group])
+        """Certify the examples of `group` together, their draws sharing forward passes (see
+        `dmae_cli.smoothing.drive`), each from its own noise generator."""
+        examples, labels = [], []
+        for idx in group:
+            image, label = self.dataset[idx]
+            labels.append(int(label))
+            examples.append((image, example_generator(self.recipe.seed, idx, self.sampler.device)))
+        requests = [self.request(label) for label in labels]
+        done = drive(self.sampler, examples, self.certifier, requests)
+        name = self.certifier.name
+        return [
+            Row.of(idx, label, cert, seconds, name)
+            for idx, label, (cert, seconds) in zip(group, labels, done, strict=True)
+        ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import ClassVar
 
+import torch
 from scipy.stats import binomtest
 
-from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, CountsFn, cohen_bound
+from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, cohen_bound
 
 
 class Cohen:
@@ -34,26 +36,33 @@ class Cohen:
 
     name: ClassVar[str] = "cohen"
 
-    def certify(self, counts: CountsFn, request: CertifyRequest) -> Certificate:
+    def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, Certificate]:
+        """CERTIFY as above: asks for n0 copies, then (unless skipped) for n fresh ones."""
         n0, n = request.n0, request.n
-        selected = int(counts(n0).argmax())  # ties: the lowest class index, as numpy
+        selected = int((yield n0).argmax())  # ties: the lowest class index, as numpy
         if request.label is not None and selected != request.label:
             return Certificate.skipped(selected, n0)
-        n_a = int(counts(n)[selected])
+        n_a = int((yield n)[selected])
         bound = cohen_bound(request.sigma, n_a, n, request.alpha)
         extra = {"pa_lower": bound.pa_lower, "stop": "budget"}
         if not bound.pa_lower >= 0.5:  # NaN too (scipy's quantile at an extreme alpha)
             return Certificate(ABSTAIN, 0.0, n_a, n, n0, extra)
         return Certificate(selected, bound.radius, n_a, n, n0, extra)
 
-    def predict(self, counts: CountsFn, request: CertifyRequest) -> int:
-        votes = counts(request.n).tolist()
-        top = max(range(len(votes)), key=votes.__getitem__)  # ties: the lowest class index
-        n_a = votes[top]
-        n_b = max((v for c, v in enumerate(votes) if c != top), default=0)
-        if binomtest(n_a, n_a + n_b, 0.5).pvalue > request.alpha:
-            return ABSTAIN
-        return top
+    def predict(self, request: CertifyRequest) -> Generator[int, torch.Tensor, int]:
+        """PREDICT as above: asks for n copies once."""
+        return predicted((yield request.n).tolist(), request.alpha)
 
     def __repr__(self) -> str:
         return "Cohen()"
+
+
+def predicted(votes: list[int], alpha: float) -> int:
+    """PREDICT's decision from the votes of its n copies: the top class, or ABSTAIN unless the
+    two-sided binomial test of nA out of nA + nB at p = 1/2 has p-value <= alpha."""
+    top = max(range(len(votes)), key=votes.__getitem__)  # ties: the lowest class index
+    n_a = votes[top]
+    n_b = max((v for c, v in enumerate(votes) if c != top), default=0)
+    if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha:
+        return ABSTAIN
+    return top

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-import threading
+from collections.abc import Generator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar
 
+import torch
 from scipy.stats import betabinom
 
 from dmae_cli.api import (
     ABSTAIN,
     Certificate,
     CertifyRequest,
-    CountsFn,
     clopper_pearson_lower,
     gaussian_radius,
 )
@@ -121,9 +121,10 @@ class Sequential:
         early = alpha * (1 - self.last_share) / (looks - 1)
         return [early] * (looks - 1) + [alpha - early * (looks - 1)]
 
-    def certify(self, counts: CountsFn, request: CertifyRequest) -> Certificate:
+    def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, Certificate]:
+        """The procedure above: n0 copies to select, then fresh ones up to each check."""
         n0, n = request.n0, request.n
-        selected = int(counts(n0).argmax())
+        selected = int((yield n0).argmax())
         if request.label is not None and selected != request.label:
             return Certificate.skipped(selected, n0)
         looks = self.looks(n)
@@ -132,7 +133,7 @@ class Sequential:
         n_a = drawn = 0
         lower = 0.0
         for size in self.checks(n):
-            n_a += int(counts(size - drawn)[selected])
+            n_a += int((yield size - drawn)[selected])
             drawn = size
             if levels.get(size, 0.0) > 0:
                 lower = max(lower, clopper_pearson_lower(n_a, drawn, levels[size]))
@@ -157,9 +158,9 @@ class Sequential:
             return "futile"
         return ""
 
-    def predict(self, counts: CountsFn, request: CertifyRequest) -> int:
+    def predict(self, request: CertifyRequest) -> Generator[int, torch.Tensor, int]:
         """PREDICT as `cohen` (one binomial test: there is nothing to stop early on)."""
-        return Cohen().predict(counts, request)
+        return (yield from Cohen().predict(request))
 
 
 def chance_to_certify(n_a: int, drawn: int, n: int, level: float, threshold: float) -> float:
@@ -175,6 +176,7 @@ def chance_to_certify(n_a: int, drawn: int, n: int, level: float, threshold: flo
     return float(betabinom.sf(short - 1, n - drawn, n_a + 1, drawn - n_a + 1))
 
 
+@lru_cache(maxsize=1 << 16)
 def fewest_hopeful_votes(
     drawn: int, n: int, level: float, threshold: float, futility: float
 ) -> int:
@@ -185,21 +187,8 @@ def fewest_hopeful_votes(
     shifts up), so a binary search finds this boundary, and the futility rule becomes one
     comparison per check. The checks happen at the same few hundred (look, threshold) pairs for
     every input of a run, so each boundary costs a dozen beta-binomial tails once per process
-    instead of one tail (about 0.1-1 ms at n = 10,000) per check of every input. The lock
-    makes examples certified side by side (one thread each, `dmae_cli.smoothing.interleave`),
-    which reach a new pair together, search it once instead of once each.
+    instead of one tail (about 0.1-1 ms at n = 10,000) per check of every input.
     """
-    with _BOUNDARY_LOCK:
-        return _fewest_hopeful_votes(drawn, n, level, threshold, futility)
-
-
-_BOUNDARY_LOCK = threading.Lock()
-
-
-@lru_cache(maxsize=1 << 16)
-def _fewest_hopeful_votes(
-    drawn: int, n: int, level: float, threshold: float, futility: float
-) -> int:
     low, high = 0, drawn + 1
     while low < high:
         middle = (low + high) // 2
