@@ -41,6 +41,9 @@ from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 import numpy as np
 import torch
 
+# What a plugin raises for a mistake its user can fix; a plain ValueError is read the same way.
+from dmae_cli.runtime.errors import PluginError as PluginError
+
 API_VERSION = 2
 
 

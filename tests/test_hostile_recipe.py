@@ -299,5 +299,7 @@ def test_heads_that_do_not_divide_the_backbones_default_width_are_one_line() -> 
     backbone's own default width decides, and timm asserts: still one line."""
     from dmae_cli.models.backbone import build_backbone
 
-    with pytest.raises(UserError, match=r"backbone 'vit_tiny' rejected its options .*num_heads"):
+    with pytest.raises(
+        UserError, match=r"backbone 'vit_tiny' from dmae rejected its options .*num_heads"
+    ):
         build_backbone("vit_tiny", img_size=16, patch_size=4, in_chans=1, num_heads=5)
