@@ -31,6 +31,27 @@ def test_a_pickle_that_runs_code_is_refused_and_the_code_never_runs(tmp_path: Pa
     assert not marker.exists()
 
 
+def test_the_official_training_scripts_arguments_load_and_open_no_other_door(
+    tmp_path: Path,
+) -> None:
+    """DMAE/MAE's `save_model` stores its argparse Namespace beside the weights: that file used
+    to be refused as a pickle that could run code. The Namespace is allowed, nothing else."""
+    import argparse
+
+    args = argparse.Namespace(model="mae_vit_base_patch16", blr=1.5e-4, input_size=224)
+    state = {"model": {"w": torch.zeros(1)}, "epoch": 3, "scaler": {"scale": 65536.0}}
+    torch.save({**state, "optimizer": {"state": {}, "param_groups": []}, "args": args},
+               tmp_path / "official.pth")  # fmt: skip
+    loaded = load_checkpoint(tmp_path / "official.pth")
+    assert loaded["args"].model == "mae_vit_base_patch16" and loaded["epoch"] == 3
+    marker = tmp_path / "pwned"
+    sneaky = argparse.Namespace(model="x", payload=CreatesAFile(marker))
+    torch.save({**state, "args": sneaky}, tmp_path / "sneaky.pth")
+    with pytest.raises(UserError, match="refused to load"):
+        load_checkpoint(tmp_path / "sneaky.pth")
+    assert not marker.exists()
+
+
 def test_corrupt_and_missing_checkpoints_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="junk.pth: not a readable checkpoint"):

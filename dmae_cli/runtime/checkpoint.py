@@ -7,6 +7,7 @@ us is loaded with `weights_only=True` (or as safetensors), so a hostile pickle c
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import os
@@ -99,6 +100,12 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# The official DMAE/MAE training scripts save their command line (`args`, an argparse
+# Namespace) beside the weights. A Namespace only holds attributes: rebuilding one runs no code
+# of the file's choosing, and its attributes still pass the weights-only unpickler's checks.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f))
 
@@ -116,7 +123,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         except Exception as exc:
             raise UserError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
-        with warnings.catch_warnings():  # an old-style pickle: the one line below says enough
+        with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_GLOBALS):
+            # an old-style pickle: the one line below says enough
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
             state = torch.load(path, map_location=map_location, weights_only=True)
