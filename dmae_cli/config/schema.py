@@ -250,6 +250,13 @@ class CertifyConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    # Training curves also in <stage dir>/tensorboard/ (`pip install dmae[tensorboard]`);
+    # metrics.jsonl stays the record `dmae report` and resuming read.
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = field(default="run", metadata=plain_name())  # outputs in runs_dir/<name>/
     seed: int = field(
@@ -267,6 +274,7 @@ class Recipe:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.runs_dir) / self.name / stage

@@ -221,6 +221,7 @@ def finetune_sigma(
         on_checkpoint=keeper,
         description=f"{'linprobe' if probe else 'finetune'} {sigma_name(sigma)}",
         section="finetune.probe" if probe else "finetune",
+        tensorboard=recipe.logging.tensorboard,
     )
     if trainer.resume():
         keeper.restore()

@@ -10,6 +10,7 @@ the stage's evaluation adds.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import time
@@ -106,14 +107,21 @@ class EpochLog:
 
 
 class MetricsFile:
-    """`metrics.jsonl`: one JSON line per finished epoch, written by the main process only."""
+    """`metrics.jsonl`: one JSON line per finished epoch, written by the main process only.
 
-    def __init__(self, path: Path) -> None:
+    With `tensorboard` each line is also written to `<run dir>/tensorboard/`; a missing
+    package stops the stage here, before its first update.
+    """
+
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         self.path = path
+        self.board = TensorBoardLog(path.parent / "tensorboard") if tensorboard else None
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            self.board.write(record)
 
     def truncate(self, start_epoch: int) -> None:
         """Drop the lines of epochs that will run again (written before a crash or a kill)."""
@@ -127,6 +135,46 @@ class MetricsFile:
         checkpoint.atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
+class TensorBoardLog:
+    """An epoch's metrics.jsonl record as TensorBoard scalars, at the run's update count.
+
+    Training values go under `train/`, what the stage's evaluation adds under `eval/`. The event
+    file is flushed after every epoch, so a run watched live is never an epoch behind. A
+    resumed run purges the events of the epochs it trains again, as `truncate` drops their lines.
+    """
+
+    TRAIN_KEYS = frozenset(
+        {"loss", "lr", "images_per_s", "epoch_time_s", "grad_norm", "grad_norm_max"}
+        | {"grad_spikes", "skipped"}
+    )
+
+    def __init__(self, log_dir: Path) -> None:
+        try:  # the package itself: torch.utils.tensorboard may already be imported without it
+            importlib.import_module("tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise UserError(
+                "logging.tensorboard: the tensorboard package is not installed; "
+                "pip install 'dmae[tensorboard]' or set logging.tensorboard: false"
+            ) from exc
+        self.log_dir = log_dir
+        self.writer_class = SummaryWriter
+        self.writer: Any = None  # opened at the first record, knowing where a resumed run is
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = int(record["update"])
+        if self.writer is None:
+            self.writer = self.writer_class(str(self.log_dir), purge_step=step)
+        self.writer.add_scalar("train/epoch", record["epoch"], step)
+        for key, value in record.items():
+            if key in ("epoch", "update") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                group = "train" if key in self.TRAIN_KEYS else "eval"
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+        self.writer.flush()
+
+
 def _line_epoch(line: str) -> float:
     """The epoch of a metrics.jsonl line; infinity for a torn or foreign one (dropped)."""
     try:
@@ -138,21 +186,27 @@ def _line_epoch(line: str) -> float:
 
 
 class ProgressBar:
-    """The run's bar: updates done of all, with the running loss, the lr and the speed.
+    """The run's bar: updates done of all, with the epoch, the running loss, the lr and the speed.
 
+    In a log (stderr not a terminal) it is a plain line at each epoch's end (when `per_epoch`,
+    the updates of an epoch, is given) and at most every half minute in between.
     On a `UserError` the bar disappears, so that the error stays one line (also in a log file,
     where rich would otherwise print the bar's last state when it stops).
     """
 
     COLUMNS = (
+        TextColumn("epoch {task.fields[epoch]}"),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("lr {task.fields[lr]:.2e}"),
         TextColumn("{task.fields[ips]:.0f} img/s"),
     )
 
-    def __init__(self, description: str, total: int, completed: int) -> None:
+    def __init__(
+        self, description: str, total: int, completed: int, per_epoch: int | None = None
+    ) -> None:
         self.description, self.total, self.completed = description, total, completed
-        self.progress: Progress | None = None
+        self.per_epoch = per_epoch
+        self.progress: Progress | ui.LineProgress | None = None
         self.task: TaskID | None = None
 
     def __enter__(self) -> ProgressBar:
@@ -163,13 +217,24 @@ class ProgressBar:
             loss=math.nan,
             lr=0.0,
             ips=0.0,
+            epoch=self._epoch(self.completed),
             completed=self.completed,
         )
         return self
 
     def show(self, completed: int, loss: float, lr: float, ips: float) -> None:
         assert self.progress is not None and self.task is not None, "use the bar as a context"
-        self.progress.update(self.task, completed=completed, loss=loss, lr=lr, ips=ips)
+        epoch = self._epoch(completed)
+        self.progress.update(self.task, completed=completed, loss=loss, lr=lr, ips=ips, epoch=epoch)
+        ends_epoch = self.per_epoch and completed % self.per_epoch == 0
+        if ends_epoch and isinstance(self.progress, ui.LineProgress):
+            self.progress.flush(self.task)
+
+    def _epoch(self, completed: int) -> str:
+        """'3/80' for an update inside the third of 80 epochs (its last update included)."""
+        if not self.per_epoch:
+            return "-"
+        return f"{max(1, math.ceil(completed / self.per_epoch))}/{self.total // self.per_epoch}"
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -109,6 +109,7 @@ def _pretrain(
         checkpoint_meta=ModelSpec.for_pretrain(recipe, info).to_dict(),
         description="pretrain",
         section="pretrain",
+        tensorboard=recipe.logging.tensorboard,
     )
     if resume is not None and not trainer.resume(Path(resume)):
         raise UserError(

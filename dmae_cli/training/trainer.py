@@ -64,6 +64,7 @@ class Trainer:
     description: str = "train"
     section: str = ""  # the recipe section of `cfg` (e.g. "pretrain"), for hints in messages
     spike_factor: float = SPIKE_FACTOR  # gradient norm / running average that counts as a spike
+    tensorboard: bool = False  # metrics also in run_dir/tensorboard/ (recipe logging.tensorboard)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -92,7 +93,7 @@ class Trainer:
             save_every=self.cfg.save_every,
             device=self.device,
         )
-        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.tensorboard)
         self.health = HealthCheck(
             cfg=self.cfg,
             peak_lr=self.lr,
@@ -127,6 +128,7 @@ class Trainer:
             self.description,
             self.total_updates,
             completed=self.start_epoch * self.updates_per_epoch + done,
+            per_epoch=self.updates_per_epoch,
         )
         with bar, GracefulStop() as stop:
             for epoch in range(self.start_epoch, end):
