@@ -44,6 +44,7 @@ import torch
 import yaml
 from scipy.special import ndtr
 
+from dmae_cli import api
 from dmae_cli.api import Certifier, CertifyRequest, CountsFn
 from dmae_cli.config.recipe import load_recipe
 from dmae_cli.plugins import registry
@@ -95,7 +96,7 @@ def simulate(
     for i, p_a in enumerate(probabilities):
         probs = np.array([p_a, 0.8 * (1 - p_a), 0.2 * (1 - p_a)])
         votes = vote_stream(probs, request.n0 + request.n, np.random.default_rng([seed, i]))
-        cert = certifier.certify(votes, request)
+        cert = api.simulate(certifier, request, votes)
         samples.append(cert.n0 + cert.n)
         radii.append(cert.radius if cert.prediction == 0 else -1.0)
     levels = (0.0, *request.radii)

@@ -1,15 +1,17 @@
 """The certifiers: exact statistics against scipy, the contract, and simulated guarantees.
 
-A synthetic base classifier with known class probabilities stands in for a network: its
-`counts(num)` is one multinomial draw, so thousands of certifications take a few seconds and
-the true radius sigma * PhiInverse(pA) is known exactly.
+A synthetic base classifier with known class probabilities stands in for a network:
+`dmae_cli.api.simulate` answers each request a certifier's generator yields with one
+multinomial draw, so thousands of certifications take a few seconds and the true radius
+sigma * PhiInverse(pA) is known exactly.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Generator, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from dmae_cli.api import (
     CountsFn,
     cohen_bound,
     gaussian_radius,
+    simulate,
 )
 from dmae_cli.api import clopper_pearson_lower as cp_lower
 from dmae_cli.plugins import registry
@@ -43,8 +46,8 @@ BUILTIN = ("cohen", "sequential")
 
 
 def scripted(*answers: Sequence[int]) -> tuple[CountsFn, list[int]]:
-    """A counts function that returns `answers` in turn and records how many samples it was
-    asked for each time."""
+    """A source of counts for `simulate` that returns `answers` in turn and records how many
+    samples it was asked for each time."""
     calls: list[int] = []
 
     def counts(num: int) -> torch.Tensor:
@@ -55,7 +58,7 @@ def scripted(*answers: Sequence[int]) -> tuple[CountsFn, list[int]]:
 
 
 def synthetic(probs: Sequence[float], rng: np.random.Generator) -> CountsFn:
-    """A base classifier whose noisy votes follow `probs` exactly, one multinomial per call."""
+    """A base classifier whose noisy votes follow `probs` exactly, one multinomial per draw."""
     p = np.asarray(probs, dtype=np.float64)
     return lambda num: torch.from_numpy(rng.multinomial(num, p / p.sum()))
 
@@ -80,7 +83,7 @@ def test_cohen_radius_is_exactly_the_clopper_pearson_radius(alpha: float) -> Non
     sigma = 0.5
     for n_a, n in PAIRS:
         counts, _ = scripted([0, 7, 0], [n - n_a, n_a, 0])
-        cert = Cohen().certify(counts, CertifyRequest(sigma, alpha, n0=7, n=n))
+        cert = simulate(Cohen(), CertifyRequest(sigma, alpha, n0=7, n=n), counts)
         p_lower = beta.ppf(alpha, n_a, n - n_a + 1) if n_a > 0 else 0.0
         assert cert.count_top == n_a and cert.n == n and cert.n0 == 7
         if p_lower < 0.5:
@@ -96,8 +99,8 @@ def test_cohen_abstains_exactly_below_one_half() -> None:
     below, _ = scripted([5, 0], [k - 1, n - k + 1])
     at, _ = scripted([5, 0], [k, n - k])
     request = CertifyRequest(1.0, alpha, n0=5, n=n)
-    assert Cohen().certify(below, request).prediction == ABSTAIN
-    cert = Cohen().certify(at, request)
+    assert simulate(Cohen(), request, below).prediction == ABSTAIN
+    cert = simulate(Cohen(), request, at)
     assert cert.prediction == 0 and cert.radius >= 0.0
 
 
@@ -108,7 +111,8 @@ def test_cohen_predict_matches_binomtest() -> None:
         votes = [rest // 2, n_a, n_b, rest - rest // 2]
         counts, _ = scripted(votes)
         alpha = float(rng.choice([0.001, 0.01, 0.05, 0.2]))
-        got = Cohen().predict(counts, CertifyRequest(0.25, alpha, n0=1, n=sum(votes)))
+        request = CertifyRequest(0.25, alpha, n0=1, n=sum(votes))
+        got = simulate(Cohen(), request, counts, predict=True)
         top = int(np.argmax(votes))
         second = max(v for c, v in enumerate(votes) if c != top)
         expected = top if binomtest(votes[top], votes[top] + second, 0.5).pvalue <= alpha else -1
@@ -171,10 +175,10 @@ def test_registered_certifier_honours_the_contract(name: str) -> None:
     assert isinstance(certifier, Certifier) and certifier.name
     rng = np.random.default_rng(2)
     request = CertifyRequest(0.5, 0.01, n0=50, n=2000, radii=RADII)
-    cert = certifier.certify(synthetic([0.02, 0.95, 0.03], rng), request)
+    cert = simulate(certifier, request, synthetic([0.02, 0.95, 0.03], rng))
     assert isinstance(cert, Certificate)
     assert cert.prediction == 1 and cert.radius > 0 and 0 < cert.n <= 2000 and cert.n0 == 50
-    assert certifier.predict(synthetic([0.02, 0.95, 0.03], rng), request) == 1
+    assert simulate(certifier, request, synthetic([0.02, 0.95, 0.03], rng), predict=True) == 1
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -186,7 +190,7 @@ def test_selection_samples_never_enter_the_bound(name: str) -> None:
         calls.append(num)
         return torch.tensor([num, 0] if len(calls) == 1 else [0, num])
 
-    cert = build(name).certify(counts, CertifyRequest(0.5, 0.001, n0=100, n=1000, radii=RADII))
+    cert = simulate(build(name), CertifyRequest(0.5, 0.001, n0=100, n=1000, radii=RADII), counts)
     assert cert.prediction == ABSTAIN and cert.count_top == 0
     assert calls[0] == 100 and cert.n == sum(calls[1:]) <= 1000
 
@@ -195,11 +199,11 @@ def test_selection_samples_never_enter_the_bound(name: str) -> None:
 def test_skip_wrong_shortcut_stops_after_selection(name: str) -> None:
     counts, calls = scripted([3, 90, 7])
     request = CertifyRequest(0.5, 0.001, n0=100, n=10_000, radii=RADII, label=0)
-    cert = build(name).certify(counts, request)
+    cert = simulate(build(name), request, counts)
     assert calls == [100]
     assert (cert.prediction, cert.radius, cert.n, cert.extra["stop"]) == (1, 0.0, 0, "skipped")
     right = synthetic([1.0, 0.0, 0.0], np.random.default_rng(0))
-    cert = build(name).certify(right, CertifyRequest(0.5, 0.001, 100, 10_000, RADII, label=0))
+    cert = simulate(build(name), CertifyRequest(0.5, 0.001, 100, 10_000, RADII, label=0), right)
     assert cert.prediction == 0 and cert.radius > 0  # the right class is certified as usual
 
 
@@ -291,7 +295,7 @@ def test_sequential_gives_up_early_on_an_input_just_below_a_threshold() -> None:
     # not certify 0.5 either, so drawing the whole budget buys nothing.
     rng = np.random.default_rng(0)
     request = CertifyRequest(0.5, 0.001, 100, 10_000, radii=(0.25, 0.5, 0.75, 1.0))
-    certs = [Sequential().certify(synthetic((0.83, 0.17), rng), request) for _ in range(20)]
+    certs = [simulate(Sequential(), request, synthetic((0.83, 0.17), rng)) for _ in range(20)]
     assert np.mean([c.n for c in certs]) < 0.3 * request.n
     assert all(c.extra["stop"] == "futile" and 0.25 <= c.radius < 0.5 for c in certs)
     # Most give up at a check between looks: waiting for the next look would cost up to 15%.
@@ -300,17 +304,14 @@ def test_sequential_gives_up_early_on_an_input_just_below_a_threshold() -> None:
 
 
 # -- simulated guarantees --------------------------------------------------------------------
-Check = Callable[[CountsFn, CertifyRequest], Certificate]
-
-
-def failure_rate(certify: Check, probs: Sequence[float], trials: int, seed: int) -> float:
+def failure_rate(certifier: Any, probs: Sequence[float], trials: int, seed: int) -> float:
     """How often the certificate claims more than the truth: a class other than the smoothed
     classifier's, or a radius beyond sigma * PhiInverse(pA) of the class it names."""
     rng = np.random.default_rng(seed)
     request = CertifyRequest(0.5, ALPHA, n0=20, n=1000, radii=RADII)
     failures = 0
     for _ in range(trials):
-        cert = certify(synthetic(probs, rng), request)
+        cert = simulate(certifier, request, synthetic(probs, rng))
         if cert.abstained:
             continue
         p = probs[cert.prediction]
@@ -327,25 +328,31 @@ MARGIN = 3 * math.sqrt(ALPHA * (1 - ALPHA) / TRIALS)  # three standard errors: 0
 @pytest.mark.parametrize("name", BUILTIN)
 def test_certified_radius_exceeds_the_truth_at_most_alpha_of_the_time(name: str) -> None:
     certifier = build(name)
-    rates = [failure_rate(certifier.certify, p, TRIALS, seed) for seed, p in enumerate(SCENARIOS)]
+    rates = [failure_rate(certifier, p, TRIALS, seed) for seed, p in enumerate(SCENARIOS)]
     assert max(rates) <= ALPHA + MARGIN, rates
 
 
 def test_the_simulation_catches_a_certifier_without_a_confidence_bound() -> None:
-    def plug_in(counts: CountsFn, request: CertifyRequest) -> Certificate:
-        selected = int(counts(request.n0).argmax())
-        p_hat = min(int(counts(request.n)[selected]) / request.n, 1 - 1e-9)
-        if p_hat < 0.5:
-            return Certificate(ABSTAIN, 0.0, 0, request.n, request.n0)
-        return Certificate(selected, request.sigma * norm.ppf(p_hat), 0, request.n, request.n0)
+    class PlugIn:
+        name = "plug-in"
 
-    assert failure_rate(plug_in, SCENARIOS[1], 300, seed=0) > 3 * ALPHA
+        def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, Certificate]:
+            selected = int((yield request.n0).argmax())
+            p_hat = min(int((yield request.n)[selected]) / request.n, 1 - 1e-9)
+            if p_hat < 0.5:
+                return Certificate(ABSTAIN, 0.0, 0, request.n, request.n0)
+            radius = request.sigma * norm.ppf(p_hat)
+            return Certificate(selected, radius, 0, request.n, request.n0)
+
+        predict = certify
+
+    assert failure_rate(PlugIn(), SCENARIOS[1], 300, seed=0) > 3 * ALPHA
 
 
 def mean_samples(name: str, probs: Sequence[float], sigma: float, trials: int = 20) -> float:
     rng = np.random.default_rng(3)
     request = CertifyRequest(sigma, 0.001, n0=100, n=100_000, radii=RADII)
-    certs = [build(name).certify(synthetic(probs, rng), request) for _ in range(trials)]
+    certs = [simulate(build(name), request, synthetic(probs, rng)) for _ in range(trials)]
     return float(np.mean([c.n for c in certs]))
 
 

@@ -229,7 +229,7 @@ def test_alpha_gives_back_the_cohen_certifiers_own_radius_bit_for_bit(tmp_path: 
     """The certifier and `--alpha` share one radius function: at the file's alpha, no change."""
     import torch
 
-    from dmae_cli.api import CertifyRequest
+    from dmae_cli.api import CertifyRequest, simulate
     from dmae_plugins.certifiers.cohen import Cohen
 
     rows = []
@@ -237,7 +237,7 @@ def test_alpha_gives_back_the_cohen_certifiers_own_radius_bit_for_bit(tmp_path: 
         selection, estimation = torch.zeros(10, dtype=torch.int64), torch.zeros(10).long()
         selection[label], estimation[label], estimation[label - 1] = 100, k, n - k
         answers = iter([selection, estimation])
-        cert = Cohen().certify(lambda _, a=answers: next(a), CertifyRequest(0.5, 1e-3, 100, n))
+        cert = simulate(Cohen(), CertifyRequest(0.5, 1e-3, 100, n), lambda _, a=answers: next(a))
         rows.append((label, cert.prediction, cert.radius, cert.count_top, cert.n))
     results = read_results(ours(tmp_path / "certify", 0.5, rows))
     assert results.radius.tolist() == [r[2] for r in rows] and any(results.radius > 0)

@@ -1,15 +1,20 @@
 """A third-party dmae certifier: the two-sided radius of Cohen et al.'s Theorem 1.
 
 Installed, it is the certifier `two-sided` (`dmae certify ... --certifier two-sided`). It uses
-only dmae's public plugin API, `dmae_cli.api`, and scipy.
+only dmae's public plugin API, `dmae_cli.api` (certifier API 2: `certify` and `predict` are
+generators that yield how many noisy copies they want and receive their class counts), and
+scipy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
+import torch
 from scipy.special import betaincinv, ndtri
 from scipy.stats import binomtest
 
-from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest, CountsFn
+from dmae_cli.api import ABSTAIN, Certificate, CertifyRequest
 
 __all__ = ["TwoSided", "cp_lower", "cp_upper", "two_sided_radius"]
 __version__ = "0.1.0"
@@ -68,13 +73,14 @@ class TwoSided:
 
     name = "two-sided"
 
-    def certify(self, counts: CountsFn, request: CertifyRequest) -> Certificate:
+    def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, Certificate]:
+        """CERTIFY above: yields n0 (selection), then n (estimation), and returns the result."""
         n0, n, alpha = request.n0, request.n, request.alpha
-        selection = counts(n0).tolist()
+        selection = (yield n0).tolist()
         selected = max(range(len(selection)), key=selection.__getitem__)  # ties: lowest index
         if request.label is not None and selected != request.label:
             return Certificate.skipped(selected, n0)
-        votes = counts(n).tolist()
+        votes = (yield n).tolist()
         n_a = votes[selected]
         others = [v for c, v in enumerate(votes) if c != selected]
         p_a = cp_lower(n_a, n, alpha / 2)
@@ -85,8 +91,9 @@ class TwoSided:
             return Certificate(ABSTAIN, 0.0, n_a, n, n0, extra)
         return Certificate(selected, two_sided_radius(request.sigma, p_a, p_b), n_a, n, n0, extra)
 
-    def predict(self, counts: CountsFn, request: CertifyRequest) -> int:
-        votes = counts(request.n).tolist()
+    def predict(self, request: CertifyRequest) -> Generator[int, torch.Tensor, int]:
+        """PREDICT above: yields n once."""
+        votes = (yield request.n).tolist()
         top = max(range(len(votes)), key=votes.__getitem__)  # ties: the lowest class index
         n_a = votes[top]
         n_b = max((v for c, v in enumerate(votes) if c != top), default=0)

@@ -2,14 +2,16 @@
 
 Self-contained: only dmae's public API (`dmae_cli.api`), scipy and numpy. A synthetic base
 classifier with known class probabilities stands in for a network, so the true Theorem 1
-radius is known exactly and thousands of certifications take a few seconds.
+radius is known exactly and thousands of certifications take a few seconds: `simulate` answers
+each request the certifier yields with a draw of that synthetic classifier.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from importlib import metadata
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,13 +24,16 @@ from dmae_cli.api import (
     Certificate,
     Certifier,
     CertifyRequest,
-    CountsFn,
+    certifier_api,
     contract_problems,
+    simulate,
 )
 
+Draw = Callable[[int], torch.Tensor]  # how many copies -> their class counts
 
-def scripted(*answers: Sequence[int]) -> tuple[CountsFn, list[int]]:
-    """A counts function returning `answers` in turn, recording how many samples each call."""
+
+def scripted(*answers: Sequence[int]) -> tuple[Draw, list[int]]:
+    """A source of counts for `simulate`: `answers` in turn, recording the size of each draw."""
     calls: list[int] = []
 
     def counts(num: int) -> torch.Tensor:
@@ -38,8 +43,8 @@ def scripted(*answers: Sequence[int]) -> tuple[CountsFn, list[int]]:
     return counts, calls
 
 
-def synthetic(probs: Sequence[float], rng: np.random.Generator) -> CountsFn:
-    """A base classifier whose noisy votes follow `probs` exactly, one multinomial per call."""
+def synthetic(probs: Sequence[float], rng: np.random.Generator) -> Draw:
+    """A base classifier whose noisy votes follow `probs` exactly, one multinomial per draw."""
     p = np.asarray(probs, dtype=np.float64)
     return lambda num: torch.from_numpy(rng.multinomial(num, p / p.sum()))
 
@@ -47,6 +52,7 @@ def synthetic(probs: Sequence[float], rng: np.random.Generator) -> CountsFn:
 # -- the contract and the entry point ----------------------------------------------------------
 def test_honours_the_contract_and_is_registered() -> None:
     assert contract_problems("certifier", TwoSided) == []
+    assert certifier_api(TwoSided) == 2  # generators: certify(request) yields its draws
     assert isinstance(TwoSided(), Certifier) and TwoSided.name == "two-sided"
     [ep] = [e for e in metadata.entry_points(group="dmae.certifiers") if e.name == "two-sided"]
     assert ep.load() is TwoSided and ep.dist is not None
@@ -69,7 +75,7 @@ def test_radius_is_theorem_1_with_simultaneous_clopper_pearson_bounds(
 ) -> None:
     sigma, n = 0.5, sum(votes)
     counts, calls = scripted([7] + [0] * (len(votes) - 1), votes)
-    cert = TwoSided().certify(counts, CertifyRequest(sigma, alpha, n0=7, n=n))
+    cert = simulate(TwoSided(), CertifyRequest(sigma, alpha, n0=7, n=n), counts)
     assert calls == [7, n]
     p_a = beta.ppf(alpha / 2, votes[0], n - votes[0] + 1)
     each = alpha / 2 / (len(votes) - 1)
@@ -83,7 +89,7 @@ def test_radius_is_theorem_1_with_simultaneous_clopper_pearson_bounds(
 def test_two_classes_reduce_to_cohens_radius_at_half_the_level() -> None:
     n_a, n, alpha, sigma = 950, 1000, 0.001, 0.25
     counts, _ = scripted([5, 0], [n_a, n - n_a])
-    cert = TwoSided().certify(counts, CertifyRequest(sigma, alpha, n0=5, n=n))
+    cert = simulate(TwoSided(), CertifyRequest(sigma, alpha, n0=5, n=n), counts)
     cohen_half = sigma * norm.ppf(beta.ppf(alpha / 2, n_a, n - n_a + 1))
     assert math.isclose(cert.radius, cohen_half, rel_tol=1e-9)
 
@@ -91,22 +97,22 @@ def test_two_classes_reduce_to_cohens_radius_at_half_the_level() -> None:
 @pytest.mark.parametrize("votes", [[520, 480], [400, 360, 240], [0, 1000], [300, 300, 400]])
 def test_abstains_when_the_bounds_are_not_separated(votes: list[int]) -> None:
     counts, _ = scripted([5] + [0] * (len(votes) - 1), votes)
-    cert = TwoSided().certify(counts, CertifyRequest(0.5, 0.001, n0=5, n=sum(votes)))
+    cert = simulate(TwoSided(), CertifyRequest(0.5, 0.001, n0=5, n=sum(votes)), counts)
     assert cert.abstained and cert.radius == 0.0
     assert cert.extra["pa_lower"] <= cert.extra["pb_upper"]
 
 
 def test_skip_wrong_shortcut_stops_after_selection() -> None:
     counts, calls = scripted([3, 90, 7])
-    cert = TwoSided().certify(counts, CertifyRequest(0.5, 0.001, n0=100, n=10_000, label=0))
+    cert = simulate(TwoSided(), CertifyRequest(0.5, 0.001, n0=100, n=10_000, label=0), counts)
     assert calls == [100]
     assert (cert.prediction, cert.radius, cert.n, cert.extra["stop"]) == (1, 0.0, 0, "skipped")
 
 
 def test_predict_returns_the_clear_winner_or_abstains() -> None:
     request = CertifyRequest(0.5, 0.001, n0=10, n=1000)
-    assert TwoSided().predict(scripted([10, 900, 90])[0], request) == 1
-    assert TwoSided().predict(scripted([490, 510, 0])[0], request) == ABSTAIN
+    assert simulate(TwoSided(), request, scripted([10, 900, 90])[0], predict=True) == 1
+    assert simulate(TwoSided(), request, scripted([490, 510, 0])[0], predict=True) == ABSTAIN
 
 
 # -- the simulated guarantee -------------------------------------------------------------------
@@ -122,10 +128,9 @@ SCENARIOS = [
     (0.5, 0.28, 0.22),
     (0.7, 0.1, 0.1, 0.1),
 ]
-Check = Callable[[CountsFn, CertifyRequest], Certificate]
 
 
-def failure_rate(certify: Check, probs: Sequence[float], trials: int, seed: int) -> float:
+def failure_rate(certifier: Any, probs: Sequence[float], trials: int, seed: int) -> float:
     """How often a certificate claims more than Theorem 1 gives with the true probabilities:
     a class that is not the smoothed classifier's, or a radius beyond
     sigma / 2 * (PhiInverse(pA) - PhiInverse(pB)) with pB the true largest other probability."""
@@ -133,7 +138,7 @@ def failure_rate(certify: Check, probs: Sequence[float], trials: int, seed: int)
     request = CertifyRequest(0.5, ALPHA, n0=20, n=1000)
     failures = 0
     for _ in range(trials):
-        cert = certify(synthetic(probs, rng), request)
+        cert = simulate(certifier, request, synthetic(probs, rng))
         if cert.abstained:
             continue
         p_a = probs[cert.prediction]
@@ -144,23 +149,27 @@ def failure_rate(certify: Check, probs: Sequence[float], trials: int, seed: int)
 
 
 def test_certified_radius_exceeds_the_truth_at_most_alpha_of_the_time() -> None:
-    certify = TwoSided().certify
-    rates = [failure_rate(certify, p, TRIALS, seed) for seed, p in enumerate(SCENARIOS)]
+    rates = [failure_rate(TwoSided(), p, TRIALS, seed) for seed, p in enumerate(SCENARIOS)]
     assert max(rates) <= ALPHA + MARGIN, rates
 
 
 def test_the_simulation_catches_a_bound_on_the_selected_runner_up_only() -> None:
-    def runner_up_only(counts: CountsFn, request: CertifyRequest) -> Certificate:
-        selection = counts(request.n0).tolist()
-        order = sorted(range(len(selection)), key=lambda c: -selection[c])
-        a, b = order[0], order[1]
-        votes = counts(request.n).tolist()
-        p_a = float(beta.ppf(request.alpha / 2, votes[a], request.n - votes[a] + 1))
-        p_b = float(beta.ppf(1 - request.alpha / 2, votes[b] + 1, request.n - votes[b]))
-        if not p_a > p_b:
-            return Certificate(ABSTAIN, 0.0, votes[a], request.n, request.n0)
-        radius = request.sigma / 2 * (norm.ppf(p_a) - norm.ppf(p_b))
-        return Certificate(a, radius, votes[a], request.n, request.n0)
+    class RunnerUpOnly:
+        name = "runner-up-only"
+
+        def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, Certificate]:
+            selection = (yield request.n0).tolist()
+            order = sorted(range(len(selection)), key=lambda c: -selection[c])
+            a, b = order[0], order[1]
+            votes = (yield request.n).tolist()
+            p_a = float(beta.ppf(request.alpha / 2, votes[a], request.n - votes[a] + 1))
+            p_b = float(beta.ppf(1 - request.alpha / 2, votes[b] + 1, request.n - votes[b]))
+            if not p_a > p_b:
+                return Certificate(ABSTAIN, 0.0, votes[a], request.n, request.n0)
+            radius = request.sigma / 2 * (norm.ppf(p_a) - norm.ppf(p_b))
+            return Certificate(a, radius, votes[a], request.n, request.n0)
+
+        predict = certify
 
     # With n0 = 20 the selection samples often name class 2 the runner-up, not class 1.
-    assert failure_rate(runner_up_only, (0.5, 0.28, 0.22), 1000, seed=0) > 1.5 * ALPHA
+    assert failure_rate(RunnerUpOnly(), (0.5, 0.28, 0.22), 1000, seed=0) > 1.5 * ALPHA
