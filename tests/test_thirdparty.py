@@ -8,6 +8,7 @@ points of its pyproject.toml, on a temporary sys.path entry beside the package's
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +181,22 @@ def test_builtins_keep_working_beside_broken_plugins(acme: Path) -> None:
     assert "blobs_missing" in line
     dataset = registry.datasets.get("blobs")("train", root=None, augment=False)
     assert len(dataset) == 64
+
+
+def test_check_builds_each_dataset_and_names_what_is_wrong(acme: Path) -> None:
+
+    result = runner.invoke(app, ["plugins", "--check", "--json"])
+    assert result.exit_code == 1, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["blobs"]["status"] == "ok" and rows["digits"]["status"] == "ok"
+    assert rows["idx"]["status"] == "not checked: needs data"  # does not fail the check
+    assert rows["idx"]["error"] == "data.root None is not a directory"
+    assert rows["blobs_hwc"]["status"] == "failed"
+    assert "an image has shape (8, 8, 1); expected (1, 8, 8)" in rows["blobs_hwc"]["error"]
+    assert "failed: KeyError: 'train'" in rows["blobs_buggy"]["error"]
+    assert rows["blobs_missing"]["error"].startswith("failed to load: ModuleNotFoundError")
+    assert rows["cifar10"]["status"] == "not checked: needs data"
+    assert rows["blobs"]["description"] == "Dark and bright blobs: two classes, no files needed."
+    failed = {name for name, r in rows.items() if r["status"] == "failed"}
+    assert failed == {"blobs_hwc", "blobs_buggy", "blobs_missing"}
+    assert "3 plugin(s) failed" in result.stderr

@@ -46,6 +46,7 @@ class PluginEntry:
     version: str
     target: str  # "module:attribute", or a description for plugins registered in code
     loader: Callable[[], Any] = field(repr=False)
+    in_code: bool = False  # registered with `Registry.add`, not an entry point
     _obj: Any = field(default=None, repr=False)
     _loaded: bool = field(default=False, repr=False)
 
@@ -123,7 +124,7 @@ class Registry(Generic[T]):
     # -- registration in code (tests, notebooks) ---------------------------------------------
     def add(self, name: str, obj: T, distribution: str = "__main__") -> PluginEntry:
         """Register `obj` under `name` without an entry point; undo with `remove`."""
-        entry = PluginEntry(name, self.kind, distribution, "0", repr(obj), lambda: obj)
+        entry = PluginEntry(name, self.kind, distribution, "0", repr(obj), lambda: obj, True)
         self._added.append(entry)
         return entry
 
