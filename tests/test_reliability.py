@@ -219,7 +219,7 @@ def seconds_per_step(tsv: Path) -> float:
 def check_certify_files(out: Path, before: list[str], reference: list[str]) -> list[str]:
     """After a kill: whole rows, an intact header, and every row finished earlier kept as is."""
     header = json.loads((out / "sigma-0.5.json").read_text())
-    assert header["format"] == "dmae-certify/1" and header["n"] == int(CERTIFY["n"])
+    assert header["format"] == "dmae-certify/2" and header["n"] == int(CERTIFY["n"])
     rows = tsv_lines(out / "sigma-0.5.tsv")
     # Byte for byte, time included: a kept row was not certified again after the resume.
     assert rows[: len(before)] == before

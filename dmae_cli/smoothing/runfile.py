@@ -7,7 +7,8 @@ runs/<name>/certify/); this module is the only one that knows their layout:
                    example (`Row`), sorted by idx: Cohen et al.'s columns `idx label predict
                    radius correct time` (`COHEN_COLUMNS`; time in seconds, predict -1 for an
                    abstention), then `count_top n n0 certifier pa_lower stop`, the raw counts
-                   from which a radius can be recomputed
+                   from which a radius can be recomputed, and `extra`: the certificate's other
+                   `extra` entries as one JSON object (`{}` when none)
   sigma-<s>.json   the header beside it (`header_path`): what the rows depend on, the
                    `MATCHING` keys (format, sigma, n0, n, alpha, seed, certifier and its
                    options, radii, skip_wrong, checkpoint sha256, data set and fingerprint),
@@ -41,12 +42,16 @@ from dmae_cli.config.recipe import sigma_name
 from dmae_cli.runtime import checkpoint
 from dmae_cli.runtime.errors import UserError
 
-FORMAT = "dmae-certify/1"
+# /2 added the `extra` column; a /1 file is refused for resuming (its header says so) and
+# read as before by `dmae report`, which reads columns by name.
+FORMAT = "dmae-certify/2"
 
 # The columns of Cohen et al.'s certify.py, which every other tool's file has too: dmae's files
 # begin with them, so that a reader of those reads ours.
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
-COLUMNS = (*COHEN_COLUMNS, "count_top", "n", "n0", "certifier", "pa_lower", "stop")
+COLUMNS = (*COHEN_COLUMNS, "count_top", "n", "n0", "certifier", "pa_lower", "stop", "extra")
+OWN_COLUMNS = ("pa_lower", "stop")  # the `Certificate.extra` keys written to columns of their own
+MAX_EXTRA = 1 << 16  # characters of the extra column: a report reads lines of up to 1 MiB
 HEADER_LINE = "\t".join(COLUMNS) + "\n"
 
 # Header keys that change what a row means; a resumed file must agree on all of them. The
@@ -99,6 +104,7 @@ class Row:
     certifier: str
     pa_lower: float | None
     stop: str
+    extra: str = "{}"  # JSON: `Certificate.extra` less OWN_COLUMNS
 
     @classmethod
     def of(cls, idx: int, label: int, cert: Certificate, seconds: float, name: str) -> Row:
@@ -107,6 +113,7 @@ class Row:
             idx, label, cert.prediction, float(cert.radius), int(cert.prediction == label),
             seconds, cert.count_top, cert.n, cert.n0, name,
             None if pa_lower is None else float(pa_lower), str(cert.extra.get("stop", "")),
+            extra_json(cert.extra, name, idx),
         )  # fmt: skip
 
     def line(self) -> str:
@@ -121,6 +128,7 @@ class Row:
         fields = (
             self.idx, self.label, self.predict, repr(self.radius), self.correct,
             f"{self.time:.3f}", self.count_top, self.n, self.n0, self.certifier, pa, self.stop,
+            self.extra,
         )  # fmt: skip
         return "\t".join(map(str, fields)) + "\n"
 
@@ -132,7 +140,34 @@ class Row:
         return cls(
             int(f[0]), int(f[1]), int(f[2]), float(f[3]), int(f[4]), float(f[5]),
             int(f[6]), int(f[7]), int(f[8]), f[9], float(f[10]) if f[10] else None, f[11],
+            f[12],
         )  # fmt: skip
+
+
+def extra_json(extra: dict[str, Any], certifier: str, idx: int) -> str:
+    """`extra` less OWN_COLUMNS as one line of JSON (sorted keys, ASCII: no tab or newline
+    can split the row); a value JSON cannot hold is one line naming the certifier."""
+    rest = {key: value for key, value in extra.items() if key not in OWN_COLUMNS}
+    try:
+        text = json.dumps(rest, sort_keys=True, default=_plain)
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"certifier '{certifier}' returned a Certificate.extra for example {idx} that is not "
+            f"JSON ({exc}); use numbers, strings, lists and dicts with string keys"
+        ) from None
+    if len(text) > MAX_EXTRA:
+        raise UserError(
+            f"certifier '{certifier}' returned {len(text):,} characters of Certificate.extra for "
+            f"example {idx}; a run file holds at most {MAX_EXTRA:,} per row"
+        )
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """numpy and torch values as the numbers or lists they hold (json's `default`)."""
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays, tensors
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 # -- reading --------------------------------------------------------------------------------
