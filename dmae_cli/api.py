@@ -7,14 +7,19 @@ A plugin is an object exposed through an entry point in one of the groups `dmae.
 Backbone
     A callable `factory(*, img_size, patch_size, in_chans, **overrides) -> VisionTransformer`
     returning a timm `VisionTransformer` (or anything exposing `patch_embed`, `cls_token`,
-    `pos_embed`, `blocks` and `norm` the same way) with `num_classes=0`.
+    `pos_embed`, `blocks` and `norm` the same way), headless (`num_classes=0`) unless told.
+    Building a classifier, dmae also passes `num_classes`, `global_pool` and `drop_path_rate`:
+    defaults of the factory must give way to them (docs/plugins.md lists each stage's keywords).
 
 Dataset
     A callable `factory(split, *, root, image_size, augment, **options) -> ImageDataset` where
     `split` is "train" or "test" (or "val", an alias of "test"), `root` a local path or None,
     `image_size` the side the images are delivered at (their native resolution for noise), and
     `augment` asks for training augmentation. Items are `(image, label)` with `image` a float
-    tensor in [0, 1] of shape (C, H, W). The dataset carries a `DatasetInfo` as `.info`.
+    tensor in [0, 1] of shape (channels, image_size, image_size) as its `DatasetInfo` (`.info`)
+    says, and `label` an int below `num_classes`; dmae checks the first item of every dataset
+    it builds. A mistake the user can fix is raised as `PluginError` (a `ValueError`).
+    `manifest_format` reads the shard manifests `dmae shard` writes.
 
 Certifier
     A callable `factory(**options) -> Certifier`; see `Certifier` and `Certificate` below.
@@ -40,6 +45,9 @@ from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
+
+# The shard manifest format `dmae shard` writes, for datasets that read dmae's shards.
+from dmae_cli.runtime import manifest_format as manifest_format
 
 # What a plugin raises for a mistake its user can fix; a plain ValueError is read the same way.
 from dmae_cli.runtime.errors import PluginError as PluginError

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from dmae_cli.api import DatasetInfo
-from dmae_cli.runtime.errors import UserError
+from dmae_cli.api import DatasetInfo, PluginError
 
 SPLITS = {"train": "train", "test": "test", "val": "test"}
 FINGERPRINT_CHARS = 16
@@ -29,7 +28,7 @@ SKIP_SLOTS = 256  # one shared counter per DataLoader worker (mod SKIP_SLOTS): n
 
 
 # -- corrupt data ----------------------------------------------------------------------------
-class DataError(UserError):
+class DataError(PluginError):
     """Corrupt data under `strict: true`: one line, even when raised in a DataLoader worker.
 
     torch re-raises a worker's exception in the main process as `type(exc)(message)`, where the
@@ -74,7 +73,7 @@ def normalize_split(dataset: str, split: str) -> str:
     """Map "train" / "test" / "val" to "train" or "test"; anything else is a user mistake."""
     if isinstance(split, str) and split in SPLITS:
         return SPLITS[split]
-    raise UserError(
+    raise PluginError(
         f"dataset '{dataset}': unknown split {split!r}; expected 'train', 'test' or 'val'"
     )
 
@@ -82,7 +81,7 @@ def normalize_split(dataset: str, split: str) -> str:
 def check_image_size(dataset: str, image_size: Any) -> int:
     """The delivered side must be a positive int (a bool is not a size)."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise UserError(
+        raise PluginError(
             f"dataset '{dataset}': image_size must be a positive integer, got {image_size!r}"
         )
     return image_size
@@ -99,11 +98,13 @@ def check_options(
     for key, value in options.items():
         if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
-            raise UserError(f"dataset '{dataset}': unknown option '{key}' (known options: {known})")
+            raise PluginError(
+                f"dataset '{dataset}': unknown option '{key}' (known options: {known})"
+            )
         expected = allowed[key]
         wrong_bool = isinstance(value, bool) and expected is not bool
         if wrong_bool or not isinstance(value, expected):
-            raise UserError(
+            raise PluginError(
                 f"dataset '{dataset}': option '{key}' must be of type {expected.__name__}, "
                 f"got {value!r}"
             )
@@ -113,10 +114,10 @@ def check_options(
 def require_root(dataset: str, root: str | Path | None, expected: str) -> Path:
     """The data's local directory; never downloaded, so a missing one is the user's to fix."""
     if root is None or str(root) == "":
-        raise UserError(f"dataset '{dataset}' needs data.root: a local directory with {expected}")
+        raise PluginError(f"dataset '{dataset}' needs data.root: a local directory with {expected}")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise UserError(
+        raise PluginError(
             f"dataset '{dataset}': root {str(path)!r} is not a directory; expected {expected}"
         )
     return path

@@ -39,7 +39,7 @@ Corrupt data. A sample that does not decode, and a shard that cannot be opened, 
 `dataset.skipped` counts them (one per sample, one per shard read; a top-up that reads a bad
 shard again counts it again). The counter lives in shared memory, so it includes what
 DataLoader workers met; it is per rank and cumulative over epochs. With `strict: true` the
-first one raises one `UserError` line naming the shard instead, also from inside a worker.
+first one raises one `PluginError` line naming the shard instead, also from inside a worker.
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from dmae_cli.api import DatasetInfo
-from dmae_cli.runtime.errors import UserError
+from dmae_cli.api import DatasetInfo, PluginError
 from dmae_plugins.datasets._common import DataError, SkipCounter
 from dmae_plugins.datasets._shard_files import (
     MAX_MEMBER_BYTES,
@@ -84,7 +83,7 @@ class ShardError(DataError):
     from inside a DataLoader worker."""
 
 
-class UnknownLength(UserError, TypeError):
+class UnknownLength(PluginError, TypeError):
     """`len()` of shards nobody counted. A TypeError too, so that `list(dataset)` (which asks
     for a length hint) still iterates, while `len(loader)` ends in one line, not a traceback."""
 
@@ -191,7 +190,7 @@ class ShardStream(IterableDataset):
         if cfg.resampled:
             return cfg.epoch_length or sum(self.counts or ()) // world
         if world > len(self.urls):
-            raise UserError(
+            raise PluginError(
                 f"dataset '{NAME}': {len(self.urls)} shards cannot be split across {world} ranks; "
                 "write more, smaller shards (dmae shard --max-count) or set option resampled: true"
             )

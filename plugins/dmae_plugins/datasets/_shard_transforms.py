@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from dmae_cli.runtime.errors import UserError
+from dmae_cli.api import PluginError
 from dmae_plugins.datasets._common import random_hflip, random_translate, resize
 from dmae_plugins.datasets._shard_stream import NAME
 from dmae_plugins.datasets.imagefolder import build_transform
@@ -74,7 +74,7 @@ class LightTransform:
 def make_transform(opts: dict[str, Any], image_size: int, augment: bool, channels: int) -> Any:
     style = opts.get("augmentation", "auto")
     if style not in AUGMENTATIONS:
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': option augmentation must be one of {', '.join(AUGMENTATIONS)}, "
             f"got {style!r}"
         )

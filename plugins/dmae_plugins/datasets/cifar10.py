@@ -30,8 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from dmae_cli.api import DatasetInfo
-from dmae_cli.runtime.errors import UserError
+from dmae_cli.api import DatasetInfo, PluginError
 from dmae_plugins.datasets._common import (
     InMemoryImages,
     check_image_size,
@@ -169,9 +168,9 @@ def safe_load(path: Path) -> Any:
         with path.open("rb") as f:
             raw = f.read(MAX_BATCH_BYTES + 1)
     except OSError as exc:
-        raise UserError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+        raise PluginError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
     if len(raw) > MAX_BATCH_BYTES:
-        raise UserError(
+        raise PluginError(
             f"{str(path)!r} is larger than {MAX_BATCH_BYTES >> 20} MiB: not a CIFAR-10 batch"
         )
     try:
@@ -180,7 +179,9 @@ def safe_load(path: Path) -> Any:
         first = exc.args[0] if exc.args else None  # a message, never a repr of the file's data
         reason = first.splitlines()[0][:200] if isinstance(first, str) and first.strip() else ""
         reason = reason or type(exc).__name__
-        raise UserError(f"{str(path)!r} is not a readable CIFAR-10 python batch: {reason}") from exc
+        raise PluginError(
+            f"{str(path)!r} is not a readable CIFAR-10 python batch: {reason}"
+        ) from exc
 
 
 def _field(batch: Any, key: str, path: Path) -> Any:
@@ -189,7 +190,7 @@ def _field(batch: Any, key: str, path: Path) -> Any:
         for candidate in (key.encode(), key):
             if candidate in batch:
                 return batch[candidate]
-    raise UserError(f"{str(path)!r} is not a CIFAR-10 python batch: no '{key}' entry")
+    raise PluginError(f"{str(path)!r} is not a CIFAR-10 python batch: no '{key}' entry")
 
 
 def _describe(value: Any) -> str:
@@ -210,25 +211,27 @@ def check_batch(batch: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
     row = CHANNELS * NATIVE_SIZE * NATIVE_SIZE
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else _describe(data)
-        raise UserError(f"{str(path)!r}: expected uint8 data of shape (N, {row}), got {got}")
+        raise PluginError(f"{str(path)!r}: expected uint8 data of shape (N, {row}), got {got}")
     if data.shape[1] != row:
-        raise UserError(f"{str(path)!r}: expected uint8 data of shape (N, {row}), got {data.shape}")
+        raise PluginError(
+            f"{str(path)!r}: expected uint8 data of shape (N, {row}), got {data.shape}"
+        )
     count = data.shape[0]
     if isinstance(labels, np.ndarray):
         if labels.dtype.kind not in "iu" or labels.shape != (count,):
             got = f"{labels.dtype} array of shape {labels.shape}"
-            raise UserError(f"{str(path)!r}: expected {count} integer labels, got a {got}")
+            raise PluginError(f"{str(path)!r}: expected {count} integer labels, got a {got}")
         labels = labels.tolist()  # numbers only: the dtype is numeric
     if not isinstance(labels, list | tuple) or len(labels) != count:
         got = f"{len(labels)}" if isinstance(labels, list | tuple) else _describe(labels)
-        raise UserError(f"{str(path)!r}: expected a list of {count} labels, got {got}")
+        raise PluginError(f"{str(path)!r}: expected a list of {count} labels, got {got}")
     for position, label in enumerate(labels):
         if (
             isinstance(label, bool)
             or not isinstance(label, int)
             or not 0 <= label < len(CLASS_NAMES)
         ):
-            raise UserError(
+            raise PluginError(
                 f"{str(path)!r}: label {position} is {_describe(label)}, not a class number "
                 f"0..{len(CLASS_NAMES) - 1}"
             )
@@ -247,7 +250,7 @@ def read_batches(directory: Path, names: tuple[str, ...]) -> tuple[np.ndarray, n
     """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,) from the named batch files."""
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': {str(directory)!r} lacks {', '.join(missing)}; expected the "
             f"extracted {DIRNAME} directory (data_batch_1..5, test_batch, batches.meta)"
         )
@@ -268,9 +271,9 @@ def class_names(directory: Path) -> tuple[str, ...]:
     names = _field(safe_load(path), "label_names", path)
     if not isinstance(names, list | tuple) or len(names) != len(CLASS_NAMES):
         got = len(names) if isinstance(names, list | tuple) else _describe(names)
-        raise UserError(f"{str(path)!r}: expected {len(CLASS_NAMES)} label names, got {got}")
+        raise PluginError(f"{str(path)!r}: expected {len(CLASS_NAMES)} label names, got {got}")
     if not all(isinstance(n, str | bytes) and len(n) <= 256 for n in names):
-        raise UserError(f"{str(path)!r}: label names must be short strings")
+        raise PluginError(f"{str(path)!r}: label names must be short strings")
     return tuple(n.decode(errors="replace") if isinstance(n, bytes) else n for n in names)
 
 

@@ -16,7 +16,7 @@ A corrupt file is skipped by default: the item at its index becomes the next rea
 remembers the files it found bad, so a file is counted once per process that meets it (once
 per DataLoader worker; workers that persist across epochs count it once in all); the counts
 live in shared memory, so `skipped` includes what the workers met, and the trainer reports it
-in metrics.jsonl. With `strict: true` the first corrupt file raises one `UserError` line naming
+in metrics.jsonl. With `strict: true` the first corrupt file raises one `PluginError` line naming
 it instead, also from inside a DataLoader worker.
 """
 
@@ -33,8 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from dmae_cli.api import DatasetInfo
-from dmae_cli.runtime.errors import UserError
+from dmae_cli.api import DatasetInfo, PluginError
 from dmae_plugins.datasets._common import (
     DataError,
     SkipCounter,
@@ -65,7 +64,7 @@ def split_dir(root: Path, split: str) -> Path:
         if (root / name).is_dir():
             return root / name
     wanted = " or ".join(f"{name}/" for name in candidates)
-    raise UserError(f"dataset '{NAME}': {str(root)!r} has no {wanted} directory of class folders")
+    raise PluginError(f"dataset '{NAME}': {str(root)!r} has no {wanted} directory of class folders")
 
 
 def find_classes(directory: Path) -> tuple[str, ...]:
@@ -76,7 +75,7 @@ def find_classes(directory: Path) -> tuple[str, ...]:
         if entry.is_dir() and not entry.name.startswith(".")
     )
     if not names:
-        raise UserError(f"dataset '{NAME}': {str(directory)!r} has no class sub-directories")
+        raise PluginError(f"dataset '{NAME}': {str(directory)!r} has no class sub-directories")
     return tuple(names)
 
 
@@ -97,7 +96,7 @@ def class_files(
     """
     class_dir = directory / class_name
     if not _first_visit(class_dir, seen):
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': class folder {str(class_dir)!r} is a link to a folder already "
             "read (the split's own folder or another class's); each class needs its own folder"
         )
@@ -110,7 +109,7 @@ def class_files(
         found += [relative + name for name in names if _is_image(name)]
     if not found:
         listed = ", ".join(EXTENSIONS)
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': class folder {str(class_dir)!r} has no images ({listed})"
         )
     return sorted(found)
@@ -140,7 +139,7 @@ def scan(directory: Path, classes: tuple[str, ...]) -> tuple[list[str], list[int
     _first_visit(directory, seen)  # the split's own folder is no class: a link to it is a loop
     for name in find_classes(directory):
         if name not in index:
-            raise UserError(
+            raise PluginError(
                 f"dataset '{NAME}': class folder {str(directory / name)!r} is not among the "
                 f"training classes ({len(classes)} folders in train/)"
             )

@@ -15,13 +15,13 @@ names in its own directory, opened as files (a name that is a command, a URL, a 
 out of the directory is refused in one line).
 
 Metadata (num_classes, class names, channels, mean, std, stored image size, samples per shard)
-comes from the manifest, every field checked for its type and range first (`data/manifest.py`),
-and a shard's count checked against its file's size: option `manifest` (a path or a `pipe:`
-URL), or the one `dmae shard` wrote next to local shards (`PREFIX-manifest.json` beside
-`PREFIX-000000.tar`). Options `num_classes`, `channels`, `mean`, `std` and `class_names`
-override it (with a warning) or stand in for it; without either, construction fails with one
-line saying what to set. A manifest of another split than the requested one is refused: training
-on test data by a misplaced pattern must not pass silently.
+comes from the manifest, every field checked for its type and range first
+(`dmae_cli.api.manifest_format`), and a shard's count checked against its file's size: option
+`manifest` (a path or a `pipe:` URL), or the one `dmae shard` wrote next to local shards
+(`PREFIX-manifest.json` beside `PREFIX-000000.tar`). Options `num_classes`, `channels`, `mean`,
+`std` and `class_names` override it (with a warning) or stand in for it; without either,
+construction fails with one line saying what to set. A manifest of another split than the requested
+one is refused: training on test data by a misplaced pattern must not pass silently.
 
 Reading. The shards are shuffled per epoch and dealt to ranks and DataLoader workers, or drawn
 at random with `resampled: true`, with `len(dataset)` the samples this rank yields per epoch
@@ -33,7 +33,7 @@ read, never unpickled, and nothing a shard claims is believed unchecked: a membe
 header's shape, a PNG's width and height) is not the manifest's stored size and channels is not
 decoded; either makes its sample corrupt. A corrupt sample or a bad shard is skipped with a
 warning and counted in `dataset.skipped`; with `strict: true` the first one raises one
-`UserError` line naming the shard instead. The details are the stream's, in `_shard_stream.py`;
+`PluginError` line naming the shard instead. The details are the stream's, in `_shard_stream.py`;
 the augmentation's code is in `_shard_transforms.py`.
 
 Augmentation. Images become float (C, H, W) in [0, 1]. `augmentation: imagenet` is
@@ -54,17 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmae_cli.api import DatasetInfo
-from dmae_cli.data.manifest import (
-    MANIFEST_SUFFIX,
-    MAX_MANIFEST_BYTES,
-    ManifestError,
-    check_metadata,
-    listed_shard,
-    parse_manifest,
-    read_manifest_file,
-)
-from dmae_cli.runtime.errors import UserError
+from dmae_cli.api import DatasetInfo, PluginError, manifest_format
 from dmae_plugins.datasets._common import (
     check_image_size,
     check_options,
@@ -106,7 +96,7 @@ def expand(pattern: str) -> list[str]:
 
     urls = wds.shardlists.expand_urls(pattern)
     if not urls:
-        raise UserError(f"dataset '{NAME}': {pattern!r} names no shards")
+        raise PluginError(f"dataset '{NAME}': {pattern!r} names no shards")
     return urls
 
 
@@ -114,7 +104,7 @@ def check_local_shards(urls: list[str]) -> None:
     """A typo in a local pattern should fail now, not as N skipped shards later."""
     missing = [u for u in urls if (p := local_path(u)) is not None and not p.is_file()]
     if missing:
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]!r}"
         )
 
@@ -127,7 +117,7 @@ def sibling_manifest(url: str) -> Path | None:
     match = re.match(r"^(.*)-\d+\.tar$", path.name)
     if not match:
         return None
-    candidate = path.with_name(match.group(1) + MANIFEST_SUFFIX)
+    candidate = path.with_name(match.group(1) + manifest_format.MANIFEST_SUFFIX)
     return candidate if candidate.is_file() else None
 
 
@@ -139,20 +129,22 @@ def read_manifest(where: str | Path) -> dict[str, Any]:
             import webdataset as wds
 
             with closing(wds.gopen(str(where), "rb")) as stream:
-                text = stream.read(MAX_MANIFEST_BYTES + 1)
-            if len(text) > MAX_MANIFEST_BYTES:
-                raise ManifestError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB")
-            manifest = parse_manifest(text)
+                text = stream.read(manifest_format.MAX_MANIFEST_BYTES + 1)
+            if len(text) > manifest_format.MAX_MANIFEST_BYTES:
+                raise manifest_format.ManifestError(
+                    f"larger than {manifest_format.MAX_MANIFEST_BYTES >> 20} MiB"
+                )
+            manifest = manifest_format.parse_manifest(text)
         else:
-            manifest = read_manifest_file(Path(where).expanduser())
-    except ManifestError as exc:
-        raise UserError(
+            manifest = manifest_format.read_manifest_file(Path(where).expanduser())
+    except manifest_format.ManifestError as exc:
+        raise PluginError(
             f"dataset '{NAME}': {str(where)!r} is not a usable dmae shard manifest: {exc}"
         ) from None
     except OSError as exc:
-        raise UserError(f"dataset '{NAME}': cannot read manifest {str(where)!r}: {exc}") from exc
+        raise PluginError(f"dataset '{NAME}': cannot read manifest {str(where)!r}: {exc}") from exc
     if manifest.get("complete") is False:
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': {str(where)!r} is incomplete (dmae shard was interrupted); "
             "run the same dmae shard command again to finish it"
         )
@@ -164,12 +156,12 @@ def manifest_shards(manifest: dict[str, Any], where: Path) -> tuple[list[str], l
     urls, counts = [], []
     for shard in manifest.get("shards", []):
         try:  # a data file names files beside itself, never a command, URL or path elsewhere
-            urls.append(str(listed_shard(where, shard["name"])))
+            urls.append(str(manifest_format.listed_shard(where, shard["name"])))
         except ValueError as exc:
-            raise UserError(f"dataset '{NAME}': {str(where)!r}: {exc}") from None
+            raise PluginError(f"dataset '{NAME}': {str(where)!r}: {exc}") from None
         counts.append(shard["samples"])  # an int in range: check_manifest saw to it
     if not urls:
-        raise UserError(f"dataset '{NAME}': {str(where)!r} lists no shards")
+        raise PluginError(f"dataset '{NAME}': {str(where)!r} lists no shards")
     return urls, counts
 
 
@@ -182,7 +174,7 @@ def check_counts(urls: list[str], counts: list[int] | None) -> None:
         path = local_path(url)
         size = path.stat().st_size if path is not None and path.is_file() else None
         if size is not None and count > size:
-            raise UserError(
+            raise PluginError(
                 f"dataset '{NAME}': the manifest says {url!r} holds {count} samples, but the "
                 f"file has {size} bytes; it is not the manifest of these shards"
             )
@@ -191,31 +183,34 @@ def check_counts(urls: list[str], counts: list[int] | None) -> None:
 def peek_split(path: Path) -> tuple[Any, str | None]:
     """The split a manifest declares, and why it is not a usable manifest (None when it is)."""
     try:
-        return read_manifest_file(path).get("split"), None
-    except (OSError, ManifestError) as exc:
+        return manifest_format.read_manifest_file(path).get("split"), None
+    except (OSError, manifest_format.ManifestError) as exc:
         return None, str(exc)
 
 
 def manifest_in_dir(directory: Path, split: str) -> Path:
     """The one `*-manifest.json` in `directory` whose split is `split`; when there is none, the
     first manifest there that is unusable is named with its problem."""
-    found = {path: peek_split(path) for path in sorted(directory.glob("*" + MANIFEST_SUFFIX))}
+    found = {
+        path: peek_split(path)
+        for path in sorted(directory.glob("*" + manifest_format.MANIFEST_SUFFIX))
+    }
     matches = [path for path, (s, _) in found.items() if s == split]
     if len(matches) == 1:
         return matches[0]
     broken = [(path, problem) for path, (_, problem) in found.items() if problem is not None]
     if not matches and broken:
         path, problem = broken[0]
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': {str(path)!r} is not a usable dmae shard manifest: {problem}"
         )
     listed = ", ".join(f"{p.name} ({s})" for p, (s, _) in found.items()) or "none"
     if not matches:
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': no manifest for split '{split}' in {str(directory)!r} "
             f"(found: {listed}); write one with dmae shard or set option urls_{split}"
         )
-    raise UserError(
+    raise PluginError(
         f"dataset '{NAME}': several manifests for split '{split}' in {str(directory)!r} "
         f"({listed}); set data.root to one of them"
     )
@@ -234,7 +229,7 @@ def locate(split: str, root: str | None, opts: dict[str, Any]) -> Located:
     manifest_ref: str | None = opts.get("manifest")
     if pattern is None and manifest_ref is None:
         if root is None or str(root) == "":
-            raise UserError(
+            raise PluginError(
                 f"dataset '{NAME}' needs data.root (a directory of shards with their manifests, "
                 "a manifest .json or a shard pattern) or option urls / urls_train / urls_test"
             )
@@ -248,7 +243,7 @@ def locate(split: str, root: str | None, opts: dict[str, Any]) -> Located:
     if pattern is None:  # the shards are the ones a local manifest lists beside itself
         assert manifest_ref is not None
         if manifest_ref.startswith("pipe:"):
-            raise UserError(f"dataset '{NAME}': with a pipe: manifest, give the shards as urls")
+            raise PluginError(f"dataset '{NAME}': with a pipe: manifest, give the shards as urls")
         manifest = read_manifest(manifest_ref)
         urls, counts = manifest_shards(manifest, Path(manifest_ref).expanduser())
     else:
@@ -257,7 +252,7 @@ def locate(split: str, root: str | None, opts: dict[str, Any]) -> Located:
         manifest = read_manifest(ref) if ref else None
         counts = counts_for(urls, manifest)
     if manifest is not None and manifest.get("split", split) != split:
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': the manifest for these shards is of split "
             f"'{manifest.get('split')}', not '{split}'; set option urls_{split} or data.root"
         )
@@ -297,7 +292,7 @@ def metadata(manifest: dict[str, Any] | None, opts: dict[str, Any]) -> dict[str,
         meta["image_size"] = manifest["image_size"]
     missing = [key for key in METADATA if key not in meta]
     if missing:
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': no manifest found for these shards and no option "
             f"{', '.join(missing)}; set option manifest (PREFIX-manifest.json from dmae shard) "
             f"or give {', '.join(METADATA)}"
@@ -308,9 +303,9 @@ def metadata(manifest: dict[str, Any] | None, opts: dict[str, Any]) -> dict[str,
 def build_info(meta: dict[str, Any], split: str, image_size: int, source: Any) -> DatasetInfo:
     """The data set's description; `meta` (options over a checked manifest) checked whole."""
     try:
-        check_metadata(meta)
-    except ManifestError as exc:
-        raise UserError(f"dataset '{NAME}': {exc}") from None
+        manifest_format.check_metadata(meta)
+    except manifest_format.ManifestError as exc:
+        raise PluginError(f"dataset '{NAME}': {exc}") from None
     return DatasetInfo(
         num_classes=meta["num_classes"],
         image_size=image_size,
@@ -331,14 +326,16 @@ def stream_config(
     epoch_length = opts.get("epoch_length")
     resampled = opts.get("resampled", False)
     if shuffle < 0:
-        raise UserError(f"dataset '{NAME}': option shuffle must be >= 0, got {shuffle}")
+        raise PluginError(f"dataset '{NAME}': option shuffle must be >= 0, got {shuffle}")
     if epoch_length is not None and epoch_length < 1:
-        raise UserError(f"dataset '{NAME}': option epoch_length must be >= 1, got {epoch_length}")
+        raise PluginError(f"dataset '{NAME}': option epoch_length must be >= 1, got {epoch_length}")
     max_member = opts.get("max_member_bytes", MAX_MEMBER_BYTES)
     if max_member < 1:
-        raise UserError(f"dataset '{NAME}': option max_member_bytes must be >= 1, got {max_member}")
+        raise PluginError(
+            f"dataset '{NAME}': option max_member_bytes must be >= 1, got {max_member}"
+        )
     if resampled and epoch_length is None and counts is None:
-        raise UserError(
+        raise PluginError(
             f"dataset '{NAME}': resampled: true needs option epoch_length (samples per rank per "
             "epoch) when no manifest gives the sample counts"
         )
