@@ -168,6 +168,21 @@ def test_every_stage_contains_the_plugin(acme: Path, command: str) -> None:
     assert line.endswith(f"dataset 'idx' from {DIST}: data.root nowhere is not a directory")
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["idx", "--root", "nowhere"],
+            "dataset 'idx' from {}: data.root nowhere is not a directory",
+        ),
+        (["blobs_hwc"], "dataset 'blobs_hwc' from {}: an image has shape (8, 8, 1)"),
+    ],
+)
+def test_dmae_shard_contains_the_plugin(acme: Path, args: list[str], expected: str) -> None:
+    result = runner.invoke(app, ["shard", *args, "--out", str(acme / "shards" / "x")])
+    assert expected.format(DIST) in one_line_error(result)
+
+
 def test_debug_shows_the_plugins_traceback(acme: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DMAE_DEBUG", "1")
     result = stage(acme, "pretrain", "--set", "data.dataset=blobs_buggy")

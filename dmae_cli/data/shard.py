@@ -48,6 +48,7 @@ from dmae_cli.data.manifest import (
 )
 from dmae_cli.data.shard_writer import AtomicShardWriter, EncodedItems, encoded_stream
 from dmae_cli.plugins import registry
+from dmae_cli.plugins.boundary import build_dataset
 from dmae_cli.runtime import ui
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
@@ -163,9 +164,14 @@ def load_source(cfg: ShardConfig) -> tuple[Any, int]:
     """The source split, unaugmented, and the side its images are delivered at."""
     factory = registry.datasets.get(cfg.dataset)
     image_size = cfg.image_size or default_image_size(factory, cfg.dataset)
-    dataset = factory(cfg.split, root=cfg.root, image_size=image_size, augment=False, **cfg.options)
-    if not hasattr(dataset, "info"):
-        raise UserError(f"dataset '{cfg.dataset}' returned an object without .info (DatasetInfo)")
+    dataset = build_dataset(  # a plugin's failure, its info and first item: one line naming it
+        cfg.dataset,
+        cfg.split,
+        root=cfg.root,
+        image_size=image_size,
+        augment=False,
+        options=cfg.options,
+    )
     if isinstance(dataset, IterableDataset):  # shuffling and resuming need indices
         raise UserError(f"dataset '{cfg.dataset}' is a stream; dmae shard reads indexable datasets")
     return dataset, image_size
