@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from typer.testing import CliRunner
 
-from dmae_cli.api import Certificate, CertifyRequest
+from dmae_cli.api import Certificate, CertifyRequest, CountsFn, certifier_api, simulate
 from dmae_cli.cli.app import app
 from dmae_cli.config.recipe import Recipe, load_recipe, recipe_to_yaml
 from dmae_cli.runtime.checkpoint import file_sha256
@@ -154,6 +154,33 @@ def test_a_signal_stops_after_the_current_group_and_the_rerun_resumes(
     [resumed] = run_certify(recipe(runs, *sequential), out=tmp_path / "resumed")
     assert without_time(resumed.tsv) == without_time(whole.tsv)
     assert {r.certifier for r in resumed.rows} == {"sequential"}
+
+
+@pytest.mark.parametrize("name", ["cohen", "sequential"])
+def test_api_2_in_packed_groups_writes_the_rows_api_1_wrote_one_at_a_time(
+    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The same certifier through the driver's shared passes, in groups of 1 and 3, and
+    through the API-1 adapter (a `counts` callback, `Sampler.counts`, one example at a
+    time): the same rows, `time` aside."""
+    chosen = (f"certify.certifier={name}", "certify.n=300")
+    files = []
+    for together in (1, 3):
+        [result] = run_certify(recipe(runs, *chosen, f"certify.together={together}"),
+                               out=tmp_path / f"v2-{together}")  # fmt: skip
+        files.append(without_time(result.tsv))
+    certifier = Cohen if name == "cohen" else Sequential
+    generator = certifier.certify
+
+    def api_1(self: Cohen, counts: CountsFn, request: CertifyRequest) -> Certificate:
+        return simulate(generator(self, request), None, counts)
+
+    monkeypatch.setattr(certifier, "certify", api_1)
+    assert certifier_api(certifier()) == 1
+    [result] = run_certify(recipe(runs, *chosen, "certify.together=3"), out=tmp_path / "v1")
+    files.append(without_time(result.tsv))
+    assert files[0] == files[1] == files[2]
+    assert len(files[0]) == 9 and all(int(row[COLUMNS.index("n")]) for row in files[0][1:])
 
 
 def test_resuming_with_other_settings_is_refused(runs: Path) -> None:
