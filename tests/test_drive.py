@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from dmae_cli.api import Certificate, CertifyRequest, CountsFn, certifier_api
-from dmae_cli.smoothing.drive import certify_all, predict_all
+from dmae_cli.smoothing.drive import certify_all, counts_of, predict_all
 from dmae_cli.smoothing.sampler import Sampler, example_generator
 from dmae_plugins.certifiers.cohen import Cohen
 from dmae_plugins.certifiers.sequential import Sequential
@@ -269,3 +269,11 @@ def test_sequential_sees_a_prefix_of_cohens_noise_so_the_two_compare_paired() ->
 def test_mismatched_examples_and_requests_are_refused() -> None:
     with pytest.raises(ValueError, match="2 examples but 1 requests"):
         certify_all(sampler(PixelVote()), examples(images(2)), Cohen(), [REQUEST])
+
+
+def test_counts_of_one_image_through_the_driver_are_the_samplers_own() -> None:
+    image = images(1)[0]
+    through_driver = counts_of(sampler(PixelVote(), 64), image, example_generator(0, 0, CPU))
+    own = sampler(PixelVote(), 64).counts(image, example_generator(0, 0, CPU))
+    for size in (5, 300, 1, 64):
+        assert torch.equal(through_driver(size), own(size))

@@ -34,7 +34,14 @@ from typing import Any
 
 import torch
 
-from dmae_cli.api import Certificate, CertifyRequest, Draws, certifier_api, copies_asked
+from dmae_cli.api import (
+    Certificate,
+    CertifyRequest,
+    CountsFn,
+    Draws,
+    certifier_api,
+    copies_asked,
+)
 from dmae_cli.smoothing.noise import NoiseStream
 from dmae_cli.smoothing.sampler import Sampler, tally
 
@@ -85,6 +92,21 @@ def drive(
     return run_together(sampler, examples, runs)
 
 
+def counts_of(sampler: Sampler, image: torch.Tensor, generator: torch.Generator) -> CountsFn:
+    """`counts(num)` of one image through `answer`, the passes every API-2 request takes (what
+    `dmae certify --estimate` times)."""
+    source = _source(sampler, image, generator)
+    return lambda num: answer(sampler, [Request(*source, num)])[0]
+
+
+def _source(
+    sampler: Sampler, image: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, NoiseStream]:
+    """The clean image (1, C, H, W) on the sampler's device, and its noise stream."""
+    clean = image.to(sampler.device, torch.float32).unsqueeze(0)
+    return clean, NoiseStream(generator, tuple(clean.shape[1:]))
+
+
 @dataclass
 class Request:
     """`num` noisy copies of `clean` (1, C, H, W), noise from `stream`."""
@@ -100,10 +122,7 @@ def run_together(
     """Drive one generator per example to its end, answering every round's requests together;
     each result with the seconds from the start to its return."""
     start = time.perf_counter()
-    sources = []
-    for image, generator in examples:
-        clean = image.to(sampler.device, torch.float32).unsqueeze(0)
-        sources.append((clean, NoiseStream(generator, tuple(clean.shape[1:]))))
+    sources = [_source(sampler, image, generator) for image, generator in examples]
     results: list[tuple[Any, float] | None] = [None] * len(runs)
     try:
         asked = [_step(run, None) for run in runs]

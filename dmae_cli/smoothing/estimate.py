@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from dmae_cli.api import Certifier
+from dmae_cli.api import Certifier, CertifierV1
 from dmae_cli.config.recipe import CertifyConfig, Recipe
 from dmae_cli.runtime import distributed
+from dmae_cli.smoothing.drive import counts_of
 from dmae_cli.smoothing.jobs import Job, prepare
 from dmae_cli.smoothing.runfile import check_header, finished, tsv_path
 from dmae_cli.smoothing.sampler import Sampler
@@ -110,13 +111,14 @@ def measure_throughput(
 ) -> Throughput:
     """Time the sampler as certification uses it, for about `seconds` after a warm-up.
 
-    The warm-up (a selection call and a whole batch) lets CUDA pick its kernels and the
-    allocator settle. Then selection calls of n0 copies are timed for a quarter of the time,
-    and whole batches for the rest, in calls of as many batches as the time left allows
-    (each call synchronises once, as a certification call does). At least one call of each.
+    Copies are drawn through the certification driver's passes (`counts_of`). The warm-up (a
+    selection call and a whole batch) lets CUDA pick its kernels and the allocator settle.
+    Then selection calls of n0 copies are timed for a quarter of the time, and whole batches
+    for the rest, in calls of as many batches as the time left allows (each call synchronises
+    once, as a certification call does). At least one call of each.
     """
     drawn = sampler.drawn
-    counts = sampler.counts(image, torch.Generator(device=sampler.device).manual_seed(0))
+    counts = counts_of(sampler, image, torch.Generator(device=sampler.device).manual_seed(0))
     counts(n0)
     counts(sampler.batch_size)
     select_calls, select_time = _timed_calls(lambda: counts(n0), seconds / 4)
@@ -143,12 +145,12 @@ def _timed_calls(call: Callable[[], object], seconds: float) -> tuple[int, float
     return calls, elapsed
 
 
-def passes_are_exact(cfg: CertifyConfig, certifier: Certifier) -> bool:
+def passes_are_exact(cfg: CertifyConfig, certifier: Certifier | CertifierV1) -> bool:
     """Whether every example draws exactly n0 + n: Cohen's certifier, never skipping."""
     return certifier.name == "cohen" and not cfg.skip_wrong
 
 
-def passes_note(cfg: CertifyConfig, certifier: Certifier) -> str:
+def passes_note(cfg: CertifyConfig, certifier: Certifier | CertifierV1) -> str:
     """Why the projected noisy passes are exact, or an upper bound."""
     if passes_are_exact(cfg, certifier):
         return "exact: cohen draws n0 + n copies per example"

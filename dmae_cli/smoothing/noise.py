@@ -5,7 +5,7 @@ Every example draws its noise from its own stream (`NoiseStream`): a generator s
 kept for the next request. So noisy copy number i of an example is the same whatever came
 before it (other examples, another process's share of the work, a resume) and however the
 copies are asked for: the batch size, the sizes of a certifier's requests, the packing of
-several examples into one forward pass (`dmae_cli.smoothing.interleave`) and the out-of-memory
+several examples into one forward pass (`dmae_cli.smoothing.drive`) and the out-of-memory
 back-off (which halves the copies per forward pass, `Sampler.forward_size`) leave the noise
 unchanged. Two certifiers run with one seed therefore see the same noise, copy for copy: a
 sequential certifier's votes are a prefix of `cohen`'s, which makes their comparison a paired
@@ -19,7 +19,8 @@ import hashlib
 import torch
 
 # Copies per generator call: large enough that a call costs little next to a forward pass,
-# small enough that the rest kept per example (8 examples interleaved) is a small buffer.
+# small enough that the rest kept per example (a group of examples certified together) is a
+# small buffer.
 NOISE_CHUNK = 64
 
 

@@ -1,21 +1,23 @@
 """The hot path of certification: class counts of a classifier on noisy copies of one image.
 
-A certifier asks for `counts(num)` several times per image; each call draws `num` copies of
-the image plus N(0, sigma^2 I) noise, generated in fp32 in [0, 1] pixel space at the image's
-native resolution directly on the model's device (the model's `InputAdapter` then resizes and
-normalises), forwards them in batches (bf16 autocast under `precision: auto` on CUDA and on a
-CPU with native bf16 arithmetic, see `dmae_cli.runtime.precision`), and votes with argmax.
-The votes of each forward pass are added to the call's class counts on the device as they
-arrive (`tally`, a `scatter_add_` into a tensor of `num_classes` counts), so memory does not
-grow with the number of copies a call draws, and the batches run back to back with no host
-synchronisation between them (one per call: the copy of the counts to the host). Inputs stay
-in the default NCHW layout: channels-last buys a ViT nothing, its only convolution is the patch
-embedding.
+A certifier asks for noisy copies several times per image (API 2: `yield num`, answered by
+`dmae_cli.smoothing.drive`, which packs several images' requests into one pass; API 1: this
+sampler's `counts(num)`); each request draws `num` copies of the image plus N(0, sigma^2 I)
+noise, generated in fp32 in [0, 1] pixel space at the image's native resolution directly on
+the model's device (the model's `InputAdapter` then resizes and normalises), forwards them in
+batches (bf16 autocast under `precision: auto` on CUDA and on a CPU with native bf16
+arithmetic, see `dmae_cli.runtime.precision`), and votes with argmax. The votes of each
+forward pass are added to the call's class counts on the device as they arrive (`tally`, a
+`scatter_add_` into a tensor of `num_classes` counts), so memory does not grow with the number
+of copies a call draws, and the batches run back to back with no host synchronisation between
+them (one per call: the copy of the counts to the host). Inputs stay in the default NCHW
+layout: channels-last buys a ViT nothing, its only convolution is the patch embedding.
 
 On a CPU, `parallel` forward passes run at once, each on a thread whose torch ops use one core
-(`forward_pool`): a small model's passes are too short for torch to spread one of them over
-several cores efficiently (the digits classifier classifies 1.4-1.9x more copies per second
-as two single-core passes than as one pass on two cores), and two passes keep both cores busy.
+(`forward_pool`, certification's only threads: a sampler strategy, kept in this module): a
+small model's passes are too short for torch to spread one of them over several cores
+efficiently (the digits classifier classifies 1.4-1.9x more copies per second as two
+single-core passes than as one pass on two cores), and two passes keep both cores busy.
 
 Every example draws its noise from its own stream (`dmae_cli.smoothing.noise.NoiseStream`), so
 noisy copy number i of an example is the same however the copies are asked for: the batch
@@ -229,7 +231,7 @@ class Sampler:
         return precision_name(self.amp)
 
     def counts(self, image: torch.Tensor, generator: torch.Generator) -> CountsFn:
-        """The `counts(num)` function of one (C, H, W) image in [0, 1], for a certifier."""
+        """The `counts(num)` function of one (C, H, W) image in [0, 1], for an API-1 certifier."""
         clean = image.to(self.device, torch.float32).unsqueeze(0)
         stream = NoiseStream(generator, tuple(clean.shape[1:]))
         return lambda num: self._count(clean, num, stream)
