@@ -1,65 +1,265 @@
-"""DMAE initialisation against random initialisation, at the same fine-tuning budget.
+"""DMAE initialisation against random initialisation, with fair baselines.
 
-Fine-tunes one recipe at one sigma twice, everything equal but the starting weights: from the
-recipe's pretraining run (or `--init PATH`) and from random weights (`--init none`). Prints the
-noisy test accuracy (best epoch and last epoch), the clean accuracy and the time of each, as a
-markdown table on stdout. Progress goes to stderr.
+Fine-tunes one recipe at one sigma from the DMAE encoder and from random weights, everything
+else equal, and prints a markdown table on stdout (progress goes to stderr):
 
-    dmae pretrain recipes/digits.yaml
-    python benchmarks/finetune_init.py                      # digits, sigma 0.5
-    python benchmarks/finetune_init.py --sigma 0.25 --set finetune.epochs=20
+- DMAE init: the recipe as it is (its learning rate and layer-wise lr decay).
+- random init, recipe: the same recipe from random weights. Unfair to random weights: layer
+  decay < 1 shrinks the lr of the lower blocks, which is meant for a pre-trained encoder.
+- random init, layer decay 1.0, at each base lr of `--blr` (the sweep), same epochs.
+- random init at equal compute: the best lr of the sweep, trained for the fine-tuning epochs
+  plus as many more as the pre-training cost. That cost is counted in floating-point operations
+  (torch's FlopCounterMode on one training step of each model, plus fine-tuning's evaluations),
+  which a loaded machine cannot skew; the CPU seconds of both are printed as a cross-check.
+
+Each model is then certified (Cohen, `--certify-n` samples, the recipe's test split), so the
+table also says what the initialisation is worth in certified accuracy.
+
+    python benchmarks/finetune_init.py                      # digits, sigma 0.5, about 20 min
+    python benchmarks/finetune_init.py --out /tmp/init-runs --blr 4e-3 1.6e-2 --certify-n 0
+    nice -n 10 python benchmarks/finetune_init.py --jobs 6       # the sweep side by side
+    python benchmarks/finetune_init.py --init runs/digits/pretrain/last.pth --pretrain-flops 1.1e14
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from dmae_cli.config.recipe import load_recipe
-from dmae_cli.training.finetune import run_finetune
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dmae_cli.config.recipe import Recipe, load_recipe
+from dmae_cli.data.loading import load_dataset
+from dmae_cli.models.classifier import build_classifier
+from dmae_cli.smoothing.certify import run_certify
+from dmae_cli.training.finetune import classifier_spec, run_finetune
+from dmae_cli.training.objective import build_objective
+from dmae_cli.training.pretrain import build_dmae, dmae_loss, run_pretrain
+
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def finetune_once(args: argparse.Namespace, init: str | None, out: Path) -> dict[str, float]:
-    overrides = [*args.set, f"finetune.sigma=[{args.sigma}]"]
-    if init is not None:
-        overrides.append(f"finetune.init={json.dumps(init)}")
-    recipe = load_recipe(args.recipe, overrides)
-    wall, cpu = time.perf_counter(), time.process_time()
+@dataclass
+class Row:
+    name: str
+    epochs: int
+    blr: float
+    layer_decay: float
+    noisy_best: float
+    clean_best: float
+    cpu_s: float
+    checkpoint: Path
+    certified: dict[float, float] = field(default_factory=dict)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def recipe_for(args: argparse.Namespace, extra: list[str]) -> Recipe:
+    return load_recipe(args.recipe, [*args.set, f"finetune.sigma=[{args.sigma}]", *extra])
+
+
+def step_flops(model: torch.nn.Module, loss_fn: Any, batch: Any) -> float:
+    """Floating-point operations of one forward and backward pass on `batch`."""
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model, batch).backward()
+    return float(counter.get_total_flops())
+
+
+def pretrain_flops(recipe: Recipe) -> float:
+    """The pre-training run's operations: one step's, times the steps of every epoch."""
+    train_set = load_dataset(recipe, "train", augment=False)
+    p = recipe.pretrain
+    images = torch.stack([train_set[i][0] for i in range(p.batch_size)])
+    model = build_dmae(recipe, train_set.info)
+
+    def loss(m: torch.nn.Module, b: Any) -> torch.Tensor:
+        return dmae_loss(m, b, sigma=p.sigma, mask_ratio=p.mask_ratio)
+
+    per_image = step_flops(model, loss, (images, None)) / p.batch_size
+    return per_image * len(train_set) * p.epochs
+
+
+def finetune_epoch_flops(recipe: Recipe, sigma: float) -> float:
+    """One fine-tuning epoch's operations, with its share of the periodic evaluations."""
+    train_set = load_dataset(recipe, "train", augment=False)
+    test_set = load_dataset(recipe, "test", augment=False)
+    cfg = recipe.finetune
+    batch = [train_set[i] for i in range(cfg.batch_size)]
+    images, labels = torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+    model = build_classifier(classifier_spec(recipe, train_set.info, test_set.info, sigma))
+    objective = build_objective(cfg, sigma, train_set.info.num_classes)
+    train = step_flops(model, objective, (images, labels)) / cfg.batch_size * len(train_set)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images[:1])
+    per_eval = counter.get_total_flops() * len(test_set) * (1 + cfg.eval_noise_copies)
+    return train + per_eval / cfg.eval_every
+
+
+def finetune(args: argparse.Namespace, name: str, extra: list[str], out: Path) -> Row:
+    recipe = recipe_for(args, extra)
+    say(f"== {name}: {' '.join(extra)}")
+    cpu = time.process_time()
     (run,) = run_finetune(recipe, out=out)
-    return {
-        "noisy_best": run.best["acc_noisy"],
-        "noisy_last": run.history[-1]["acc_noisy"],
-        "clean_best": run.best["acc_clean"],
-        "wall_s": time.perf_counter() - wall,
-        "cpu_s": time.process_time() - cpu,
-    }
+    cfg = recipe.finetune
+    return Row(
+        name,
+        cfg.epochs,
+        cfg.blr,
+        cfg.layer_decay,
+        run.best["acc_noisy"],
+        run.best["acc_clean"],
+        time.process_time() - cpu,
+        run.run_dir / "best.pth",
+    )
+
+
+def certify(args: argparse.Namespace, row: Row, out: Path) -> dict[float, float]:
+    """Certified accuracy of `row`'s model at each radius of `RADII`."""
+    overrides = [
+        f"certify.checkpoint={json.dumps(str(row.checkpoint))}",
+        f"certify.sigma=[{args.sigma}]",
+        f"certify.n={args.certify_n}",
+        "certify.certifier=cohen",
+    ]
+    say(f"== certify {row.name}")
+    (result,) = run_certify(load_recipe(args.recipe, [*args.set, *overrides]), out=out)
+    return {r: result.accuracy(r) for r in RADII}
+
+
+def pretrained(args: argparse.Namespace, base: Path) -> tuple[str, float, float | None]:
+    """The encoder to start from, the pre-training's operations and its CPU seconds."""
+    recipe = load_recipe(args.recipe, args.set)
+    flops = args.pretrain_flops or pretrain_flops(recipe)
+    if args.init:
+        return args.init, flops, None
+    say("== pretrain")
+    cpu = time.process_time()
+    result = run_pretrain(recipe, out=base / "pretrain")
+    return str(result.run_dir / "last.pth"), flops, time.process_time() - cpu
+
+
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run(args: argparse.Namespace, base: Path) -> None:
+    """Fine-tune (and certify) every row; `--jobs` of them at once, each on one thread."""
+    init, flops, pretrain_cpu = pretrained(args, base)
+    epochs = recipe_for(args, []).finetune.epochs
+    epoch_flops = finetune_epoch_flops(recipe_for(args, []), args.sigma)
+    extra_epochs = round(flops / epoch_flops)
+    flat = ["finetune.init=none", "finetune.layer_decay=1.0"]
+    jobs = [("DMAE init", [f"finetune.init={json.dumps(init)}"], base / "dmae")]
+    jobs.append(("random init, recipe", ["finetune.init=none"], base / "random"))
+    jobs += [
+        ("random init, ld 1.0", [*flat, f"finetune.blr={b}"], base / f"blr-{b}") for b in args.blr
+    ]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=one_thread) as pool:
+        rows = list(pool.map(finetune, *zip(*[(args, *job) for job in jobs], strict=True)))
+        best = max(rows[2:], key=lambda r: r.noisy_best)
+        totals = {"random init, equal FLOPs": epochs + extra_epochs}
+        totals |= {f"random init, {e} epochs": e for e in args.also_epochs}
+        longer = [
+            pool.submit(
+                finetune,
+                args,
+                name,
+                [*flat, f"finetune.blr={best.blr}", f"finetune.epochs={e}"],
+                base / f"epochs-{e}",
+            )
+            for name, e in totals.items()
+        ]
+        chosen = [rows[0], rows[1], best]
+        if args.certify_n:
+            outs = [base / "certify" / r.checkpoint.parent.parent.name for r in chosen]
+            certified = pool.map(certify, [args] * 3, chosen, outs)
+            for row, accuracy in zip(chosen, certified, strict=True):
+                row.certified = accuracy
+        rows += [job.result() for job in longer]
+        if args.certify_n:
+            outs = [
+                base / "certify" / r.checkpoint.parent.parent.name for r in rows[-len(longer) :]
+            ]
+            certified = pool.map(certify, [args] * len(longer), rows[-len(longer) :], outs)
+            for row, accuracy in zip(rows[-len(longer) :], certified, strict=True):
+                row.certified = accuracy
+    cost = {"pretrain_flops": flops, "finetune_epoch_flops": epoch_flops}
+    print_table(args, rows, cost, extra_epochs, pretrain_cpu)
+
+
+def print_table(
+    args: argparse.Namespace,
+    rows: list[Row],
+    cost: dict[str, float],
+    extra_epochs: int,
+    pretrain_cpu: float | None,
+) -> None:
+    per_epoch_cpu = rows[0].cpu_s / rows[0].epochs
+    print(f"\n{args.recipe}, sigma {args.sigma}\n")
+    print(
+        f"pre-training: {cost['pretrain_flops']:.3g} FLOPs = {extra_epochs} fine-tuning epochs "
+        f"of {cost['finetune_epoch_flops']:.3g} FLOPs"
+        + (
+            f" (CPU time: {pretrain_cpu:.0f} s = {pretrain_cpu / per_epoch_cpu:.0f} epochs of "
+            f"{per_epoch_cpu:.1f} s)"
+            if pretrain_cpu is not None
+            else ""
+        )
+        + "\n"
+    )
+    radii = [r for r in RADII if any(row.certified for row in rows)]
+    head = " | ".join(f"cert. r={r:g}" for r in radii)
+    print(
+        f"| start | epochs | blr | layer decay | noisy acc (best) | clean acc | CPU s |"
+        f"{' ' + head + ' |' if radii else ''}"
+    )
+    print("|---" * (7 + len(radii)) + "|")
+    for r in rows:
+        cells = "".join(f" {r.certified[x]:.1%} |" if r.certified else " |" for x in radii)
+        print(
+            f"| {r.name} | {r.epochs} | {r.blr:g} | {r.layer_decay:g} | {r.noisy_best:.1%} "
+            f"| {r.clean_best:.1%} | {r.cpu_s:.0f} |{cells if radii else ''}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/digits.yaml")
     parser.add_argument("--sigma", type=float, default=0.5)
-    parser.add_argument("--init", help="pretrained checkpoint (default: the recipe's pretrain run)")
+    parser.add_argument("--init", help="a pretrained checkpoint (default: pre-train one here)")
+    parser.add_argument(
+        "--pretrain-flops", type=float, help="the pre-training's cost (default: counted)"
+    )
+    parser.add_argument("--blr", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])
+    parser.add_argument("--certify-n", type=int, default=1000, help="0: no certification")
     parser.add_argument("--set", action="append", default=[], help="recipe override, repeatable")
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
+    parser.add_argument(
+        "--also-epochs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also train the best random init for this many epochs in all (e.g. equal wall time)",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="fine-tunings at once, one thread each")
     args = parser.parse_args()
+    if not math.isfinite(args.sigma) or args.sigma <= 0:
+        parser.error("--sigma must be positive")
     with tempfile.TemporaryDirectory() as tmp:
-        base = args.out or Path(tmp)
-        rows = {
-            "DMAE init": finetune_once(args, args.init, base / "dmae"),
-            "random init": finetune_once(args, "none", base / "random"),
-        }
-    print(f"\n{args.recipe}, sigma {args.sigma}, same fine-tuning budget\n")
-    print("| start | noisy acc (best) | noisy acc (last) | clean acc (best) | wall s | cpu s |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(
-            f"| {name} | {r['noisy_best']:.1%} | {r['noisy_last']:.1%} | {r['clean_best']:.1%} "
-            f"| {r['wall_s']:.0f} | {r['cpu_s']:.0f} |"
-        )
+        run(args, args.out or Path(tmp))
 
 
 if __name__ == "__main__":
