@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_N = 1000
 DEFAULT_N0 = 100
 DEFAULT_ALPHA = 0.001
+CHUNK = 64  # files read and answered at a time: a multiple of certify.together's default 8
 
 
 @dataclass
@@ -120,8 +121,8 @@ def predict(
     settings = dict(typed or {})
     classifier = load_classifier(checkpoint, device)
     smoothed = Smoothed(classifier, sigma, batch_size=settings.get("certify.batch_size", "auto"))
-    files, pixels, failed = read_all(images, smoothed)
-    answers = answer(smoothed, files, pixels, settings, certify, noise_seed, first_index)
+    noise = Noise(noise_seed, first_index)
+    answers, failed = answer_all(smoothed, images, settings, certify, noise)
     report = {
         "checkpoint": str(checkpoint),
         "sigma": smoothed.sigma,
@@ -141,35 +142,66 @@ def predict(
         raise typer.Exit(2)
 
 
-def read_all(
-    paths: list[Path], smoothed: Smoothed
-) -> tuple[list[Path], list[torch.Tensor | None], dict[str, str]]:
-    """Every input file with its pixels (None when unreadable) and the problems, by file; each
-    problem is also one line on stderr as it is met."""
-    from dmae_cli.data.images import IMAGE_SUFFIXES, image_files, read_image
+def image_list(paths: list[Path], failed: dict[str, str]) -> list[Path]:
+    """The files to answer, directories expanded; an empty directory goes to `failed`."""
+    from dmae_cli.data.images import IMAGE_SUFFIXES, image_files
 
-    spec = smoothed.classifier.spec
     files: list[Path] = []
-    pixels: list[torch.Tensor | None] = []
-    failed: dict[str, str] = {}
     for given in paths:
         found = image_files([given])
         if given.is_dir() and not found:
             failed[str(given)] = f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this directory"
             problem(f"{given}: {failed[str(given)]}")
-        for path in found:
-            files.append(path)
+        files += found
+    return files
+
+
+def answer_all(
+    smoothed: Smoothed, paths: list[Path], settings: dict[str, Any], certify: bool, noise: Noise
+) -> tuple[list[Answer], dict[str, str]]:
+    """The answers for the readable files, `CHUNK` files read at a time (a directory of
+    photographs need not fit in memory), and the problems by file, each also one line on
+    stderr as it is met."""
+    from dmae_cli.data.images import read_image
+
+    failed: dict[str, str] = {}
+    files = image_list(paths, failed)
+    spec = smoothed.classifier.spec
+    answers: list[Answer] = []
+    for start in range(0, len(files), CHUNK):
+        pixels: list[torch.Tensor | None] = []
+        for path in files[start : start + CHUNK]:
             try:
                 pixels.append(read_image(path, spec.channels, spec.input_size))
             except UserError as exc:
                 pixels.append(None)
                 failed[str(path)] = str(exc).removeprefix(f"{path}: ")
                 problem(str(exc))
-    return files, pixels, failed
+        chunk = files[start : start + CHUNK]
+        answers += answer(smoothed, chunk, pixels, settings, certify, noise.shifted(start))
+    return answers, failed
 
 
 def problem(line: str) -> None:
     ui.console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class Noise:
+    """--noise-seed and --first-index: None draws each image's noise from its pixels."""
+
+    seed: int | None
+    first: int = 0
+
+    def shifted(self, files: int) -> Noise:
+        return Noise(self.seed, self.first + files)
+
+    def generators(self, positions: list[int], device: torch.device) -> list[torch.Generator]:
+        """The generators `dmae certify --seed SEED` gives examples first + position."""
+        from dmae_cli.smoothing.noise import example_generator
+
+        assert self.seed is not None
+        return [example_generator(self.seed, self.first + k, device) for k in positions]
 
 
 def answer(
@@ -178,26 +210,21 @@ def answer(
     pixels: list[torch.Tensor | None],
     settings: dict[str, Any],
     certify: bool,
-    noise_seed: int | None,
-    first_index: int,
+    noise: Noise,
 ) -> list[Answer]:
-    """The answers for the readable files, in order; noise as --noise-seed says."""
-    from dmae_cli.smoothing.noise import example_generator
-
+    """The answers for the readable files of `files`, in order."""
     good = [k for k, x in enumerate(pixels) if x is not None]
     batch = [pixels[k] for k in good]
-    noise = None
-    if noise_seed is not None:
-        device = smoothed.classifier.device
-        noise = [example_generator(noise_seed, first_index + k, device) for k in good]
+    device = smoothed.classifier.device
+    streams = None if noise.seed is None else noise.generators(good, device)
     n = settings.get("certify.n", DEFAULT_N)
     alpha = settings.get("certify.alpha", DEFAULT_ALPHA)
     certifier = settings.get("certify.certifier", "cohen")
     if certify:
         n0 = settings.get("certify.n0", DEFAULT_N0)
-        certs = smoothed.certify(batch, n0, n, alpha, certifier, noise=noise)
+        certs = smoothed.certify(batch, n0, n, alpha, certifier, noise=streams)
         return [Answer(files[k], c.prediction, c) for k, c in zip(good, certs, strict=True)]
-    labels = smoothed.predict(batch, n, alpha, certifier=certifier, noise=noise)
+    labels = smoothed.predict(batch, n, alpha, certifier=certifier, noise=streams)
     return [Answer(files[k], label) for k, label in zip(good, labels, strict=True)]
 
 
