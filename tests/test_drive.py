@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dmae_cli.api import Certificate, CertifyRequest, CountsFn, certifier_api
+from dmae_cli.runtime.errors import UserError
 from dmae_cli.smoothing.drive import certify_all, counts_of, predict_all
 from dmae_cli.smoothing.sampler import Sampler, example_generator
 from dmae_plugins.certifiers.cohen import Cohen
@@ -198,8 +199,21 @@ def test_a_yield_that_is_no_count_of_copies_is_refused(bad: object) -> None:
 
         predict = certify
 
-    with pytest.raises((TypeError, ValueError), match="noisy copies"):
+    with pytest.raises(UserError, match="certifier 'bad': .*noisy copies"):
         certify_all(sampler(PixelVote()), examples(images(1)), Bad(), [REQUEST])
+
+
+def test_an_api_2_certify_that_is_no_generator_is_one_line() -> None:
+    class Eager:
+        name = "eager"
+
+        def certify(self, request: CertifyRequest) -> Certificate:
+            return Certificate(-1, 0.0, 0, 0, 0)
+
+        predict = certify
+
+    with pytest.raises(UserError, match="'eager': certify.request. returned Certificate, not a"):
+        certify_all(sampler(PixelVote()), examples(images(1)), Eager(), [REQUEST])
 
 
 class CohenV1:

@@ -21,11 +21,14 @@ are kept. An API-1 certifier (`certify(counts, request)`, a callback that blocks
 answer) runs through an adapter instead: one example at a time, `counts` being the sampler's.
 
 An exception in a certifier, or while answering (the model failing, an interrupt), is raised
-at once; the other examples' generators are closed, so nothing is left waiting.
+at once; the other examples' generators are closed, so nothing is left waiting. A certifier
+that breaks the contract (a `certify` that is no generator, a yield that is no number of
+copies) stops the run with one line naming it.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import time
 from collections.abc import Iterator, Sequence
@@ -42,6 +45,7 @@ from dmae_cli.api import (
     certifier_api,
     copies_asked,
 )
+from dmae_cli.runtime.errors import UserError
 from dmae_cli.smoothing.noise import NoiseStream
 from dmae_cli.smoothing.sampler import Sampler, tally
 
@@ -88,8 +92,15 @@ def drive(
             result = getattr(certifier, method)(sampler.counts(image, generator), request)
             done.append((result, time.perf_counter() - tick))
         return done
+    name = str(getattr(certifier, "name", type(certifier).__name__))
     runs = [getattr(certifier, method)(request) for request in requests]
-    return run_together(sampler, examples, runs)
+    for run in runs:
+        if not inspect.isgenerator(run):
+            raise UserError(
+                f"certifier '{name}': {method}(request) returned {type(run).__name__}, not a "
+                f"generator (an API-2 certifier yields how many noisy copies it wants)"
+            )
+    return run_together(sampler, examples, runs, name)
 
 
 def counts_of(sampler: Sampler, image: torch.Tensor, generator: torch.Generator) -> CountsFn:
@@ -117,19 +128,19 @@ class Request:
 
 
 def run_together(
-    sampler: Sampler, examples: Sequence[Example], runs: Sequence[Draws]
+    sampler: Sampler, examples: Sequence[Example], runs: Sequence[Draws], name: str
 ) -> list[tuple[Any, float]]:
-    """Drive one generator per example to its end, answering every round's requests together;
-    each result with the seconds from the start to its return."""
+    """Drive one generator per example (of the certifier `name`) to its end, answering every
+    round's requests together; each result with the seconds from the start to its return."""
     start = time.perf_counter()
     sources = [_source(sampler, image, generator) for image, generator in examples]
     results: list[tuple[Any, float] | None] = [None] * len(runs)
     try:
-        asked = [_step(run, None) for run in runs]
+        asked = [_step(run, None, name) for run in runs]
         while running := [slot for slot, ask in enumerate(asked) if isinstance(ask, int)]:
             pending = [Request(*sources[slot], asked[slot]) for slot in running]
             for slot, counts in zip(running, answer(sampler, pending), strict=True):
-                asked[slot] = _step(runs[slot], counts)
+                asked[slot] = _step(runs[slot], counts, name)
                 if not isinstance(asked[slot], int):
                     results[slot] = (asked[slot].value, time.perf_counter() - start)
         for slot, ask in enumerate(asked):
@@ -141,13 +152,18 @@ def run_together(
     return results  # type: ignore[return-value]  # every slot is filled when nothing raised
 
 
-def _step(run: Draws, counts: torch.Tensor | None) -> int | StopIteration:
+def _step(run: Draws, counts: torch.Tensor | None, name: str) -> int | StopIteration:
     """Send `counts` (None: start it) and return how many copies it asks for next, or the
-    StopIteration that carries its result."""
+    StopIteration that carries its result. The certifier's own exceptions pass through; a
+    yield that is no number of copies is one line naming it."""
     try:
-        return copies_asked(next(run) if counts is None else run.send(counts))
+        asked = next(run) if counts is None else run.send(counts)
     except StopIteration as done:
         return done
+    try:
+        return copies_asked(asked)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"certifier '{name}': {exc}") from None
 
 
 def answer(sampler: Sampler, requests: list[Request]) -> torch.Tensor:
