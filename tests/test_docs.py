@@ -3,6 +3,7 @@ backbone and dataset, registered as plugins, go through pretrain, finetune and c
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +95,15 @@ def test_the_example_backbone_and_dataset_run_every_stage(
         result = CliRunner().invoke(app, [command, "recipes/digits.yaml", *sets])
         assert result.exit_code == 0, f"{command}: {result.output}"
     assert (tmp_path / "digits" / "certify" / "sigma-0.5.tsv").is_file()
+
+
+def test_the_synthetic_root_example_passes_the_check() -> None:
+    """`dmae plugins --check` builds the page's `folder_blobs` on what its synthetic_root writes."""
+    registry.datasets.add("folder_blobs", defining("folder_blobs")["folder_blobs"], "dmae-my")
+    try:
+        result = CliRunner().invoke(app, ["plugins", "--check", "--json"])
+    finally:
+        registry.datasets.remove("folder_blobs")
+    [row] = [r for r in json.loads(result.stdout) if r["name"] == "folder_blobs"]
+    assert (row["status"], row["error"]) == ("ok", None)
+    assert row["description"] == "Blobs saved as tensors in `root`, one file per split."

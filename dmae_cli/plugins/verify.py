@@ -2,14 +2,16 @@
 
 Every kind: the module imports and the factory's signature fits its contract (`entry.load`).
 Certifiers: the certifier its factory builds with no options, and which API it implements.
-Datasets: built for "train" without a root, then checked as a stage checks it (its `.info`
-and first item); one that needs files to be built is "not checked: needs data". Backbones are
+Datasets: built for "train" on the tiny data the factory's optional `synthetic_root` writes
+(else without a root), then checked as a stage checks it (its `.info` and first item); one
+that needs files and cannot make them is "not checked: needs data". Backbones are
 not built: a ViT-H takes seconds and gigabytes, and a stage checks what it builds.
 """
 
 from __future__ import annotations
 
 import inspect
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,17 +62,27 @@ def default_image_size(factory: Any) -> int:
 
 
 def verify_dataset(entry: PluginEntry, factory: Any) -> Verdict:
-    """Build the dataset without a root and check it as a stage would."""
-    kwargs = dict(root=None, image_size=default_image_size(factory), augment=False)
-    try:
-        with boundary.contained(entry):
-            dataset = factory("train", **kwargs)
-    except boundary.PluginFailure as exc:
-        if isinstance(exc.__cause__, UserError | ValueError):  # it told us what it needs
-            return Verdict(NEEDS_DATA, boundary.one_line(exc.__cause__))
-        return Verdict("failed", str(exc))
-    try:
-        boundary.check_dataset(entry, dataset, "train")
-    except boundary.PluginFailure as exc:
-        return Verdict("failed", str(exc))
+    """Build the dataset as a stage would and check it: on the tiny data its factory's optional
+    `synthetic_root(directory) -> root` writes, else without a root."""
+    make_root = getattr(factory, "synthetic_root", None)
+    with tempfile.TemporaryDirectory(prefix="dmae-check-") as directory:
+        try:
+            with boundary.contained(entry):
+                root = make_root(directory) if callable(make_root) else None
+                dataset = factory(
+                    "train", root=root, image_size=default_image_size(factory), augment=False
+                )
+        except boundary.PluginFailure as exc:
+            if root_missing(exc) and not callable(make_root):  # it said what it needs
+                return Verdict(NEEDS_DATA, boundary.one_line(exc.__cause__ or exc))
+            return Verdict("failed", str(exc))
+        try:
+            boundary.check_dataset(entry, dataset, "train")
+        except boundary.PluginFailure as exc:
+            return Verdict("failed", str(exc))
     return Verdict("ok")
+
+
+def root_missing(exc: boundary.PluginFailure) -> bool:
+    """Whether building failed with the plugin's own report of a user mistake (no data)."""
+    return isinstance(exc.__cause__, UserError | ValueError)

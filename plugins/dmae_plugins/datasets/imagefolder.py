@@ -284,3 +284,17 @@ def imagefolder(
     )
     transform = build_transform(image_size, augment)
     return ImageFolder(directory, files, labels, info, transform, strict=opts.get("strict", False))
+
+
+def synthetic_root(directory: str) -> str:
+    """A tiny folder tree under `directory` (`train/` and `val/`, two classes of one 8x8 PNG
+    each), for `dmae plugins --check`."""
+    for split in ("train", "val"):
+        for shade, name in enumerate(("dark", "bright")):
+            folder = Path(directory) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (255 * shade,) * 3).save(folder / "0.png")
+    return directory
+
+
+imagefolder.synthetic_root = synthetic_root  # type: ignore[attr-defined]
