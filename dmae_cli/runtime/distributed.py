@@ -1,12 +1,30 @@
-"""torch.distributed from the torchrun environment; every helper is a no-op on one process."""
+"""torch.distributed from the torchrun environment; every helper is a no-op on one process.
+
+A stage joins the process group with `process_group(device)` and leaves it when the stage ends:
+the group's gloo threads must be shut down while the interpreter is whole, or a rank that exits
+with the group still alive can abort in its teardown (`terminate called without an active
+exception`, exit -6) after its work is done. `init_from_env` alone (for callers that do not
+scope it) registers the same teardown to run at exit. `agreed()` makes a stage's preparation
+fail on every rank when it fails on one, so no rank waits for a partner that has given up.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dmae_cli.runtime.errors import UserError
+
+# Seconds a collective waits for the other ranks (torch's default, 30 min, when unset): how
+# long a rank whose peer froze, rather than died, takes to give up.
+TIMEOUT_ENV = "DMAE_DIST_TIMEOUT"
 
 
 def is_distributed() -> bool:
@@ -29,14 +47,74 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
-def init_from_env(device: torch.device) -> None:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); else do nothing."""
+def timeout() -> timedelta | None:
+    """How long a collective waits for a missing rank: DMAE_DIST_TIMEOUT seconds, or None for
+    torch's default."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 7 * 86400:
+        raise UserError(f"{TIMEOUT_ENV}={text!r}: expected seconds, a number in (0, 604800]")
+    return timedelta(seconds=seconds)
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); else do nothing.
+    True when this call created the group (its caller, or the exit handler, destroys it)."""
     if is_distributed() or not launched_by_torchrun():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend)
+    wait = timeout()
+    dist.init_process_group(backend=backend, **({"timeout": wait} if wait else {}))
+    atexit.register(destroy)
+    return True
+
+
+def destroy() -> None:
+    """Leave the process group (shut its threads down); nothing when there is none."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """The torchrun process group for the block: joined on entry unless it exists, and then
+    destroyed on exit, also after an error (other ranks' collectives then fail, not wait)."""
+    created = init_from_env(device)
+    try:
+        yield
+    finally:
+        if created:
+            destroy()
+
+
+@contextmanager
+def agreed() -> Iterator[None]:
+    """Run the block on every rank; a `UserError` on any rank is raised on every rank.
+
+    The block must hold no collective of its own: a rank that failed early would not join it.
+    One process: the block as it is."""
+    if not is_distributed():
+        yield
+        return
+    problem: UserError | None = None
+    try:
+        yield
+    except UserError as exc:
+        problem = exc
+    problems = gather_objects(None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    failed = [(r, p) for r, p in enumerate(problems) if p is not None]
+    if failed:
+        first, message = failed[0]
+        raise UserError(f"rank {first}: {message}")
 
 
 def barrier() -> None:

@@ -183,6 +183,22 @@ def finetune_sigma(
     stop_after: int | None = None,
 ) -> SigmaRun:
     """Train (or resume) the classifier for one sigma into `run_dir`."""
+    with distributed.agreed():  # a problem on any rank stops every rank, before training
+        trainer, keeper = sigma_trainer(recipe, sigma, run_dir, init, data, device)
+    trainer.distribute()
+    history = trainer.fit(stop_after=stop_after)
+    return SigmaRun(sigma, run_dir, history, keeper.best or {})
+
+
+def sigma_trainer(
+    recipe: Recipe,
+    sigma: float,
+    run_dir: Path,
+    init: Path | None,
+    data: tuple[Any, Any],
+    device: torch.device,
+) -> tuple[Trainer, BestKeeper]:
+    """The trainer of one sigma's classifier, resumed where it stopped, and its best.pth."""
     cfg = recipe.finetune
     probe = cfg.linear_probe
     optim: OptimConfig = cfg.probe if probe else cfg
@@ -206,7 +222,7 @@ def finetune_sigma(
     keeper = BestKeeper(model, run_dir, spec, optim.epochs)
     groups, make_optimizer = optimisation(model, cfg)
     trainer = Trainer(
-        model=distributed.wrap_ddp(model, device),  # DDP broadcasts rank 0's initial weights
+        model=model,
         loss_fn=build_objective(cfg, sigma, info.num_classes),
         loader=build_loader(train_set, recipe.data, optim.batch_size, recipe.seed),
         cfg=optim,
@@ -225,8 +241,7 @@ def finetune_sigma(
     )
     if trainer.resume():
         keeper.restore()
-    history = trainer.fit(stop_after=stop_after)
-    return SigmaRun(sigma, run_dir, history, keeper.best or {})
+    return trainer, keeper
 
 
 def run_finetune(
@@ -237,18 +252,21 @@ def run_finetune(
     stage = "linprobe" if cfg.linear_probe else "finetune"
     base = Path(out) if out is not None else recipe.stage_dir(stage)
     run_dirs = {s: base / sigma_name(s) for s in dict.fromkeys(cfg.sigma)}
-    with ExitStack() as locks:
-        for run_dir in run_dirs.values():
-            locks.enter_context(run_lock(run_dir))
-        return _finetune(recipe, run_dirs, stop_after)
-
-
-def _finetune(
-    recipe: Recipe, run_dirs: dict[float, Path], stop_after: int | None
-) -> list[SigmaRun]:
-    cfg = recipe.finetune
     device = resolve_device(recipe.device)
-    distributed.init_from_env(device)
+    with distributed.process_group(device), ExitStack() as locks:
+        with distributed.agreed():  # every sigma's directory and the data, before training
+            for run_dir in run_dirs.values():
+                locks.enter_context(run_lock(run_dir))
+            init, data = _prepare(recipe, run_dirs)
+        return [
+            finetune_sigma(recipe, s, d, init, data, device, stop_after)
+            for s, d in run_dirs.items()
+        ]
+
+
+def _prepare(recipe: Recipe, run_dirs: dict[float, Path]) -> tuple[Path | None, tuple[Any, Any]]:
+    """The checkpoint to start from and the (train, test) data sets."""
+    cfg = recipe.finetune
     fresh = any(not (d / "last.pth").is_file() for d in run_dirs.values())
     init = resolve_init(recipe) if fresh else None
     warn_probe_ignores(cfg)
@@ -256,7 +274,4 @@ def _finetune(
     if not cfg.linear_probe:
         apply_timm_augmentation(train_set, cfg, train_set.info)
     test_set = load_dataset(recipe, "test", augment=False)
-    return [
-        finetune_sigma(recipe, s, d, init, (train_set, test_set), device, stop_after)
-        for s, d in run_dirs.items()
-    ]
+    return init, (train_set, test_set)

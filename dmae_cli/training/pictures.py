@@ -1,17 +1,92 @@
-"""Pictures for people: the DMAE reconstruction grid."""
+"""Pictures for people: the DMAE reconstruction grid.
+
+The picture is an optional output of pre-training: its test images are looked for before the
+first step, and when they cannot be found, or the picture cannot be drawn or written, one
+warning line says so and the run, whose checkpoints are its real outputs, still succeeds.
+"""
 
 from __future__ import annotations
 
+import itertools
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import torch
+from rich.markup import escape
 
+from dmae_cli.config.recipe import Recipe
+from dmae_cli.data.loading import load_dataset
 from dmae_cli.models.dmae import DMAE, patchify, unpatchify
+from dmae_cli.runtime import distributed, ui
 from dmae_cli.runtime.checkpoint import atomic_write
+from dmae_cli.runtime.errors import UserError
+
+
+@dataclass
+class Pictures:
+    """`reconstructions.png` of a pre-training run, drawn by rank 0 once training is done."""
+
+    recipe: Recipe
+    path: Path
+    test_set: Any
+
+    @classmethod
+    def prepare(cls, recipe: Recipe, path: Path) -> Pictures | None:
+        """The picture's test images, found now; None (after a warning) when there are none
+        or the recipe asks for no picture."""
+        if not distributed.is_main() or recipe.pretrain.reconstructions <= 0:
+            return None
+        try:
+            return cls(recipe, path, load_dataset(recipe, "test", augment=False))
+        except UserError as exc:
+            _skipped(path, exc)
+            return None
+
+    def draw(self, model: DMAE, device: torch.device) -> Path | None:
+        """The picture, or None after a warning: a finished run never fails on it."""
+        try:
+            return write_reconstructions(self.recipe, self.test_set, model, self.path, device)
+        except Exception as exc:  # any failure of an optional output, a bug's too, is a warning
+            if os.environ.get("DMAE_DEBUG"):
+                raise
+            _skipped(self.path, exc)
+            return None
+
+
+def _skipped(path: Path, exc: Exception) -> None:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, UserError):
+        reason = f"{type(exc).__name__}: {reason}"
+    ui.console.print(
+        f"[yellow]warning:[/] no {escape(path.name)}: {escape(reason)} (the picture is optional; "
+        f"pretrain.reconstructions=0 turns it off)",
+        highlight=False,
+        soft_wrap=True,  # one line, as every message a log is searched for
+    )
+
+
+def write_reconstructions(
+    recipe: Recipe, test_set: Any, model: DMAE, path: Path, device: torch.device
+) -> Path:
+    """clean / noisy + masked input / reconstruction for a few test images, as one PNG."""
+    count = recipe.pretrain.reconstructions
+    # Iterate rather than index: a sharded (iterable) data set has no random access.
+    images = torch.stack([image for image, _ in itertools.islice(iter(test_set), count)]).to(device)
+    generator = torch.Generator(device=device).manual_seed(recipe.seed)
+    noise = torch.randn(images.shape, generator=generator, device=device)
+    model.eval()
+    with torch.no_grad():
+        latent, mask, ids_restore = model.forward_encoder(
+            model.adapter(images + recipe.pretrain.sigma * noise),
+            recipe.pretrain.mask_ratio,
+            generator,
+        )
+        pred = model.forward_decoder(latent, ids_restore).float()
+    return reconstruction_grid(
+        model, images, images + recipe.pretrain.sigma * noise, mask, pred, path
+    )
 
 
 def _to_display(model: DMAE, pixels_or_normalised: torch.Tensor, normalised: bool) -> torch.Tensor:
@@ -32,6 +107,11 @@ def reconstruction_grid(
     With `norm_pix_loss` the model predicts per-patch standardised pixels; they are shown with
     the clean patch's mean and variance put back, as MAE's visualisation does.
     """
+    import matplotlib  # here: a run that draws no picture never pays for matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
     p, c = model.patch_size, model.in_chans
     clean_n = model.adapter(clean)
     if model.norm_pix_loss:

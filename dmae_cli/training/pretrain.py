@@ -7,7 +7,7 @@ the registries, trains with the shared `Trainer`, and writes into the run direct
 
 from __future__ import annotations
 
-import itertools
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from dmae_cli.runtime import checkpoint, distributed
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.lock import run_lock
+from dmae_cli.training.pictures import Pictures, write_reconstructions
 from dmae_cli.training.trainer import Trainer
 
 
@@ -52,7 +53,8 @@ def build_dmae(recipe: Recipe, info: DatasetInfo) -> DMAE:
         in_chans=info.channels,
         **m.options,
     )
-    adapter = InputAdapter(info.image_size, m.image_size, info.mean, info.std)
+    spec = ModelSpec.for_pretrain(recipe, info)  # its statistics follow model.normalize
+    adapter = InputAdapter(info.image_size, m.image_size, spec.mean, spec.std)
     return DMAE(
         encoder,
         adapter,
@@ -77,17 +79,28 @@ def run_pretrain(
     resume: Path | None = None,
     stop_after: int | None = None,
 ) -> PretrainResult:
-    """Pre-train DMAE as the recipe says; resumes automatically from the run's `last.pth`."""
+    """Pre-train DMAE as the recipe says; resumes automatically from the run's `last.pth`.
+
+    Everything the run needs (data, run directory, the checkpoint to resume) is checked on
+    every rank before the first step; the process group it joins is left when it ends.
+    """
     run_dir = Path(out) if out is not None else recipe.stage_dir("pretrain")
-    with run_lock(run_dir):
-        return _pretrain(recipe, run_dir, resume, stop_after)
-
-
-def _pretrain(
-    recipe: Recipe, run_dir: Path, resume: Path | None, stop_after: int | None
-) -> PretrainResult:
     device = resolve_device(recipe.device)
-    distributed.init_from_env(device)
+    with distributed.process_group(device), ExitStack() as held:
+        with distributed.agreed():  # a problem on any rank stops every rank, before training
+            held.enter_context(run_lock(run_dir))
+            trainer, model, pictures = _prepare(recipe, run_dir, resume, device)
+        trainer.distribute()
+        history = trainer.fit(stop_after=stop_after)
+        del trainer  # its loader's workers and the DDP wrapper end before the process group
+        picture = pictures.draw(model, device) if pictures is not None else None
+    return PretrainResult(run_dir, history, picture, model)
+
+
+def _prepare(
+    recipe: Recipe, run_dir: Path, resume: Path | None, device: torch.device
+) -> tuple[Trainer, DMAE, Pictures | None]:
+    """The trainer, resumed where the run stopped, its model and the optional picture."""
     torch.manual_seed(recipe.seed + distributed.rank())  # distinct noise and masks per rank
     train_set = load_dataset(recipe, "train", augment=True)
     info: DatasetInfo = train_set.info
@@ -99,7 +112,7 @@ def _pretrain(
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(recipe))
     trainer = Trainer(
-        model=distributed.wrap_ddp(model, device),  # DDP broadcasts rank 0's initial weights
+        model=model,
         loss_fn=lambda m, b: dmae_loss(m, b, sigma=p.sigma, mask_ratio=p.mask_ratio),
         loader=build_loader(train_set, recipe.data, p.batch_size, recipe.seed),
         cfg=p,
@@ -118,34 +131,7 @@ def _pretrain(
         )
     if resume is None:
         trainer.resume()
-    history = trainer.fit(stop_after=stop_after)
-    picture = None
-    if distributed.is_main() and p.reconstructions > 0:
-        picture = write_reconstructions(recipe, model, run_dir / "reconstructions.png", device)
-    return PretrainResult(run_dir, history, picture, model)
-
-
-def write_reconstructions(recipe: Recipe, model: DMAE, path: Path, device: torch.device) -> Path:
-    """clean / noisy + masked input / reconstruction for a few test images, as one PNG."""
-    from dmae_cli.training.pictures import reconstruction_grid
-
-    test_set = load_dataset(recipe, "test", augment=False)
-    count = recipe.pretrain.reconstructions
-    # Iterate rather than index: a sharded (iterable) data set has no random access.
-    images = torch.stack([image for image, _ in itertools.islice(iter(test_set), count)]).to(device)
-    generator = torch.Generator(device=device).manual_seed(recipe.seed)
-    noise = torch.randn(images.shape, generator=generator, device=device)
-    model.eval()
-    with torch.no_grad():
-        latent, mask, ids_restore = model.forward_encoder(
-            model.adapter(images + recipe.pretrain.sigma * noise),
-            recipe.pretrain.mask_ratio,
-            generator,
-        )
-        pred = model.forward_decoder(latent, ids_restore).float()
-    return reconstruction_grid(
-        model, images, images + recipe.pretrain.sigma * noise, mask, pred, path
-    )
+    return trainer, model, Pictures.prepare(recipe, run_dir / "reconstructions.png")
 
 
 def redraw_reconstructions(
@@ -159,10 +145,10 @@ def redraw_reconstructions(
             f"{path}: no checkpoint to draw reconstructions from; run 'dmae pretrain' first"
         )
     device = resolve_device(recipe.device)
-    info = load_dataset(recipe, "test", augment=False).info
-    model = build_dmae(recipe, info).to(device)
+    test_set = load_dataset(recipe, "test", augment=False)
+    model = build_dmae(recipe, test_set.info).to(device)
     state = checkpoint.load_checkpoint(path, map_location=device)
     if not isinstance(state.get("model"), dict):
         raise UserError(f"{path}: not a dmae pretraining checkpoint (no 'model' weights)")
     checkpoint.load_exact(model, state["model"], str(path), "does not match this recipe's model")
-    return write_reconstructions(recipe, model, run_dir / "reconstructions.png", device)
+    return write_reconstructions(recipe, test_set, model, run_dir / "reconstructions.png", device)

@@ -103,6 +103,11 @@ class Trainer:
             spikes=SpikeDetector(factor=self.spike_factor),
         )
 
+    def distribute(self) -> None:
+        """Wrap the model in DistributedDataParallel under torchrun (rank 0's weights go to
+        every rank: a collective, so outside `distributed.agreed`); after `resume`."""
+        self.model = distributed.wrap_ddp(self.model, self.device)
+
     def resume(self, path: Path | None = None) -> bool:
         """Restore from `path` or this run's `last.pth`; False when there is nothing to resume."""
         resumed = self.checkpointer.resume(path)
