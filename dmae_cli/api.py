@@ -216,7 +216,7 @@ def simulate(
     one of them returned (then `request` is None). `draw` is answered in order, e.g.
     `lambda num: torch.from_numpy(rng.multinomial(num, probs))` for known class
     probabilities. A yield that is not a count of copies (an int >= 0) is a TypeError or
-    ValueError, as the certification driver raises it.
+    ValueError here (`dmae certify` stops on it with one line naming the certifier).
     """
     if inspect.isgenerator(subject):
         if request is not None or predict:
