@@ -155,46 +155,46 @@ def one_thread() -> None:
 
 
 def run(args: argparse.Namespace, base: Path) -> None:
-    """Fine-tune (and certify) every row; `--jobs` of them at once, each on one thread."""
+    """Fine-tune, then certify, every row; `--jobs` of them at once, each on one thread."""
     init, flops, pretrain_cpu = pretrained(args, base)
     epochs = recipe_for(args, []).finetune.epochs
     epoch_flops = finetune_epoch_flops(recipe_for(args, []), args.sigma)
     extra_epochs = round(flops / epoch_flops)
     flat = ["finetune.init=none", "finetune.layer_decay=1.0"]
     jobs = [("DMAE init", [f"finetune.init={json.dumps(init)}"], base / "dmae")]
-    jobs.append(("random init, recipe", ["finetune.init=none"], base / "random"))
-    jobs += [
+    if not args.skip_recipe_row:
+        jobs.append(("random init, recipe", ["finetune.init=none"], base / "random"))
+    sweep = [
         ("random init, ld 1.0", [*flat, f"finetune.blr={b}"], base / f"blr-{b}") for b in args.blr
     ]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=one_thread) as pool:
-        rows = list(pool.map(finetune, *zip(*[(args, *job) for job in jobs], strict=True)))
-        best = max(rows[2:], key=lambda r: r.noisy_best)
-        totals = {"random init, equal FLOPs": epochs + extra_epochs}
-        totals |= {f"random init, {e} epochs": e for e in args.also_epochs}
-        longer = [
-            pool.submit(
-                finetune,
-                args,
-                name,
-                [*flat, f"finetune.blr={best.blr}", f"finetune.epochs={e}"],
-                base / f"epochs-{e}",
-            )
+    totals = {"random init, equal FLOPs": epochs + extra_epochs}
+    totals |= {f"random init, {e} epochs": e for e in args.also_epochs}
+
+    def long_jobs(blrs: list[float]) -> list[tuple[str, list[str], Path]]:
+        return [
+            (name, [*flat, f"finetune.blr={b}", f"finetune.epochs={e}"], base / f"ep{e}-blr{b}")
+            for b in blrs
             for name, e in totals.items()
         ]
-        chosen = [rows[0], rows[1], best]
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=one_thread) as pool:
+
+        def train(work: list[tuple[str, list[str], Path]]) -> list[Row]:
+            return list(pool.map(finetune, *zip(*[(args, *job) for job in work], strict=True)))
+
+        first = long_jobs(args.long_blr) if args.long_blr else []  # longest first
+        rows = train([*first, *jobs, *sweep])
+        rows = rows[len(first) :] + rows[: len(first)]
+        best = max(rows[len(jobs) : len(jobs) + len(sweep)], key=lambda r: r.noisy_best)
+        if not args.long_blr:
+            rows += train(long_jobs([best.blr]))
         if args.certify_n:
+            chosen = [r for r in rows if r.epochs != epochs or r is best or r is rows[0]]
+            chosen += [r for r in rows if r.name == "random init, recipe"]
             outs = [base / "certify" / r.checkpoint.parent.parent.name for r in chosen]
-            certified = pool.map(certify, [args] * 3, chosen, outs)
+            certified = pool.map(certify, [args] * len(chosen), chosen, outs)
             for row, accuracy in zip(chosen, certified, strict=True):
-                row.certified = accuracy
-        rows += [job.result() for job in longer]
-        if args.certify_n:
-            outs = [
-                base / "certify" / r.checkpoint.parent.parent.name for r in rows[-len(longer) :]
-            ]
-            certified = pool.map(certify, [args] * len(longer), rows[-len(longer) :], outs)
-            for row, accuracy in zip(rows[-len(longer) :], certified, strict=True):
                 row.certified = accuracy
     cost = {"pretrain_flops": flops, "finetune_epoch_flops": epoch_flops}
     print_table(args, rows, cost, extra_epochs, pretrain_cpu)
@@ -253,6 +253,16 @@ def main() -> None:
         nargs="*",
         default=[],
         help="also train the best random init for this many epochs in all (e.g. equal wall time)",
+    )
+    parser.add_argument(
+        "--long-blr",
+        type=float,
+        nargs="*",
+        default=[],
+        help="run the long rows at these lrs, beside the sweep (default: after it, at its best)",
+    )
+    parser.add_argument(
+        "--skip-recipe-row", action="store_true", help="no random init with the recipe's lr"
     )
     parser.add_argument("--jobs", type=int, default=1, help="fine-tunings at once, one thread each")
     args = parser.parse_args()
