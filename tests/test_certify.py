@@ -158,11 +158,15 @@ def test_a_signal_stops_after_the_current_group_and_the_rerun_resumes(
 
 @pytest.mark.parametrize("name", ["cohen", "sequential"])
 def test_api_2_in_packed_groups_writes_the_rows_api_1_wrote_one_at_a_time(
-    runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+    runs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
 ) -> None:
     """The same certifier through the driver's shared passes, in groups of 1 and 3, and
     through the API-1 adapter (a `counts` callback, `Sampler.counts`, one example at a
-    time): the same rows, `time` aside."""
+    time): the same rows, `time` aside; a warning says that API 1 shares no passes."""
     chosen = (f"certify.certifier={name}", "certify.n=300")
     files = []
     for together in (1, 3):
@@ -177,8 +181,12 @@ def test_api_2_in_packed_groups_writes_the_rows_api_1_wrote_one_at_a_time(
 
     monkeypatch.setattr(certifier, "certify", api_1)
     assert certifier_api(certifier()) == 1
+    capsys.readouterr()
     [result] = run_certify(recipe(runs, *chosen, "certify.together=3"), out=tmp_path / "v1")
     files.append(without_time(result.tsv))
+    said = " ".join("".join(capsys.readouterr()).split())
+    assert f"certifier '{name}' implements certifier API 1" in said
+    assert "certify.together 3 shares no forward passes" in said
     assert files[0] == files[1] == files[2]
     assert len(files[0]) == 9 and all(int(row[COLUMNS.index("n")]) for row in files[0][1:])
 

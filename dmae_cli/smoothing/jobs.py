@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.utils.data import IterableDataset
 
 from dmae_cli import __version__
-from dmae_cli.api import Certifier, CertifierV1, CertifyRequest, DatasetInfo
+from dmae_cli.api import Certifier, CertifierV1, CertifyRequest, DatasetInfo, certifier_api
 from dmae_cli.config.recipe import CertifyConfig, Recipe
 from dmae_cli.data.loading import load_dataset
 from dmae_cli.models.classifier import load_classifier
@@ -132,6 +132,12 @@ def build_certifier(cfg: CertifyConfig) -> Certifier | CertifierV1:
         raise UserError(
             f"certifier '{cfg.certifier}' from {entry.distribution} does not implement the "
             f"Certifier contract (name, certify, predict) of dmae_cli.api"
+        )
+    if certifier_api(certifier) == 1 and cfg.together > 1:
+        ui.info(
+            f"[yellow]warning:[/] certifier '{cfg.certifier}' implements certifier API 1 "
+            f"(certify(counts, request)): its examples are certified one at a time, "
+            f"certify.together {cfg.together} shares no forward passes"
         )
     return certifier
 
