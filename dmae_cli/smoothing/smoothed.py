@@ -33,7 +33,7 @@ from dmae_cli.smoothing.drive import certify_all, predict_all
 from dmae_cli.smoothing.jobs import build_certifier, build_sampler
 from dmae_cli.smoothing.sampler import Sampler
 
-Image = Any  # a float tensor (C, H, W) or (N, C, H, W) in [0, 1], a PIL image, or a list of them
+Images = Any  # a float tensor (C, H, W) or (N, C, H, W) in [0, 1], a PIL image, or a list of them
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Smoothed:
 
     def predict(
         self,
-        images: Image,
+        images: Images,
         n: int = 1000,
         alpha: float = 0.001,
         *,
@@ -140,7 +140,7 @@ class Smoothed:
 
     def certify(
         self,
-        images: Image,
+        images: Images,
         n0: int = 100,
         n: int = 100_000,
         alpha: float = 0.001,
@@ -176,7 +176,7 @@ class Smoothed:
         return settings({f"certify.{k}": v for k, v in certify.items()}, self._base)
 
     def _work(
-        self, recipe: Recipe, images: Image, noise: Sequence[torch.Generator] | None
+        self, recipe: Recipe, images: Images, noise: Sequence[torch.Generator] | None
     ) -> tuple[list[CertifyRequest], list[tuple[torch.Tensor, torch.Generator]]]:
         cfg = recipe.certify
         batch = [self.classifier.prepare(x, f"image {i}") for i, x in enumerate(as_list(images))]
@@ -195,7 +195,7 @@ def settings(values: dict[str, Any], base: Recipe | None = None) -> Recipe:
     return apply_typed(load_recipe(None) if base is None else base, values, "arguments")
 
 
-def as_list(images: Image) -> list[Any]:
+def as_list(images: Images) -> list[Any]:
     """The images of a batch tensor, a single image or a list, as a list."""
     if isinstance(images, torch.Tensor):
         return list(images) if images.dim() == 4 else [images]
