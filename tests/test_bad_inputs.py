@@ -483,7 +483,11 @@ def test_non_finite_loss_stops_at_its_update_keeps_the_checkpoint_and_suggests_a
     monkeypatch.setattr(pretrain_module, "dmae_loss", nan_from_update_26)
     run = tmp_path / "run"
     result = cli("pretrain", RECIPE, *sets("pretrain.epochs=3"), "--out", run)
-    line = one_line_error(result)
+    # stderr is a log here (no terminal): the finished epoch's progress line, then the error
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    progress, line = result.stderr.strip().splitlines()
+    assert progress.startswith("pretrain 22/66 epoch 1/3 loss ")
+    assert line.startswith("error: ")
     assert "loss became nan at update 26 (epoch 1)" in line
     assert f"the last good checkpoint {run / 'last.pth'} is kept" in line
     assert "lower pretrain.blr (now 0.004" in line and "pretrain.clip_grad" in line
