@@ -7,6 +7,7 @@ anything imports torch: OpenMP reads them once, when it starts.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def main() -> None:
@@ -14,7 +15,7 @@ def main() -> None:
 
     applied = thread_settings()
     if os.environ.get("DMAE_DEBUG") == "1" and applied:
-        print(f"dmae: set {applied}", flush=True)  # before rich's console exists
+        print(f"dmae: set {applied}", file=sys.stderr)  # not ui.info: ui loads torch
     from dmae_cli.cli.app import main as app_main
 
     app_main()
