@@ -161,3 +161,35 @@ def test_tensorboard_without_the_package_stops_before_training(
     assert "dmae[tensorboard]" in line
     assert not (tmp_path / "digits" / "pretrain" / "metrics.jsonl").exists()
     assert not (tmp_path / "digits" / "pretrain" / "last.pth").exists()
+
+
+def test_tensorboard_groups_evaluation_and_a_resume_replaces_the_epochs_it_reruns(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dmae_cli.training.metrics import MetricsFile
+
+    def record(epoch: int, loss: float) -> dict:
+        extra = {"acc_clean": 0.5 + epoch / 10, "acc_noisy": 0.25, "grad_spike_updates": [3]}
+        return {"epoch": epoch, "update": 10 * (epoch + 1), "loss": loss, "lr": 1e-3, **extra}
+
+    first = MetricsFile(tmp_path / "metrics.jsonl", tensorboard=True)
+    for epoch in range(3):
+        first.append(record(epoch, loss=1.0))
+    first.board.writer.close()
+    resumed = MetricsFile(tmp_path / "metrics.jsonl", tensorboard=True)  # killed after epoch 0
+    for epoch in (1, 2):
+        resumed.append(record(epoch, loss=2.0))
+    resumed.board.writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("train/loss")] == [
+        (10, 1.0),
+        (20, 2.0),
+        (30, 2.0),
+    ]
+    assert [s.value for s in events.Scalars("eval/acc_clean")] == pytest.approx([0.5, 0.6, 0.7])
+    assert "eval/acc_noisy" in events.Tags()["scalars"]
+    assert not any("spike_updates" in tag for tag in events.Tags()["scalars"])
