@@ -291,3 +291,17 @@ def test_counts_of_one_image_through_the_driver_are_the_samplers_own() -> None:
     own = sampler(PixelVote(), 64).counts(image, example_generator(0, 0, CPU))
     for size in (5, 300, 1, 64):
         assert torch.equal(through_driver(size), own(size))
+
+
+def test_certifier_code_runs_in_the_calling_thread() -> None:
+    where: set[int] = set()
+
+    class Watched(Plan):
+        def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, list]:
+            where.add(threading.get_ident())
+            answers = yield from super().certify(request)
+            where.add(threading.get_ident())
+            return answers
+
+    certify_all(sampler(PixelVote()), examples(images(4)), Watched(*[[9, 9]] * 4), plan_requests(4))
+    assert where == {threading.get_ident()}
