@@ -483,10 +483,11 @@ def test_non_finite_loss_stops_at_its_update_keeps_the_checkpoint_and_suggests_a
     monkeypatch.setattr(pretrain_module, "dmae_loss", nan_from_update_26)
     run = tmp_path / "run"
     result = cli("pretrain", RECIPE, *sets("pretrain.epochs=3"), "--out", run)
-    # stderr is a log here (no terminal): the finished epoch's progress line, then the error
+    # stderr is a log here (no terminal): progress lines up to the finished epoch, then the error
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    progress, line = result.stderr.strip().splitlines()
-    assert progress.startswith("pretrain 22/66 epoch 1/3 loss ")
+    *progress, line = result.stderr.strip().splitlines()
+    assert all(text.startswith("pretrain ") for text in progress)
+    assert progress[-1].startswith("pretrain 22/66 epoch 1/3 loss ")
     assert line.startswith("error: ")
     assert "loss became nan at update 26 (epoch 1)" in line
     assert f"the last good checkpoint {run / 'last.pth'} is kept" in line
