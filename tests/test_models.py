@@ -302,8 +302,13 @@ def test_filter_for_a_dmae_reads_ours_and_the_official_layout_alike() -> None:
     wrapped = filter_state_dict({"state_dict": ddp}, target, "ddp").weights
     assert ours.keys() == official.keys() == wrapped.keys()
     assert "encoder.blocks.0.attn.qkv.weight" in ours and "decoder_embed.weight" in ours
-    # Computed by the model, never transplanted: position embeddings and the data's statistics.
-    assert not any(k.endswith("pos_embed") or k.startswith("adapter.") for k in ours)
+    # The data's statistics are the model's own; the position tables are the checkpoint's
+    # when their shapes agree (its weights were trained with them), else the model's.
+    assert not any(k.startswith("adapter.") for k in ours)
+    assert torch.equal(ours["encoder.pos_embed"], source.encoder.pos_embed)
+    assert torch.equal(official["decoder_pos_embed"], source.decoder_pos_embed)
+    other_grid = filter_state_dict({"model": tiny_dmae(model_size=32).state_dict()}, target, "g")
+    assert not any(k.endswith("pos_embed") for k in other_grid.weights)
 
 
 def test_filter_for_a_vit_resamples_and_skips_the_decoder() -> None:

@@ -6,8 +6,13 @@ them; unlike MAE, the loss covers every patch, visible or masked. The encoder (a
 `VisionTransformer`) is kept as `encoder` and the decoder parts at the top level under MAE's
 names; `official_state_dict` gives the weights in the layout of the official DMAE/MAE
 checkpoints (the encoder's keys without the `encoder.` prefix). Here too are the helpers it is
-made of: patchify/unpatchify, per-sample random masking and the fixed 2-D sin-cos position
-embeddings.
+made of: patchify/unpatchify and per-sample random masking; the fixed 2-D sin-cos position
+embeddings (MAE's table) are in `models.positions`.
+
+The encoder may put any prefix tokens before the patches, as timm's ViT does: a cls token (the
+paper's), register tokens, or none; with or without position rows for them (timm's
+`no_embed_class`). The prefix tokens are never masked and pass through the decoder, which has a
+zero position row for each, and are dropped from the reconstruction.
 """
 
 from __future__ import annotations
@@ -16,18 +21,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 from dmae_cli.models.adapter import InputAdapter
-
-
-def sincos_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embeddings, shape (1, [1 +] H*W, dim); the cls slot is zero."""
-    emb = build_sincos2d_pos_embed(list(grid), dim=dim)
-    if cls_token:
-        emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
-    return emb.unsqueeze(0)
+from dmae_cli.models.positions import prefix_of, sincos_pos_embed
+from dmae_cli.runtime.errors import UserError
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -93,13 +91,19 @@ class DMAE(nn.Module):
         self.in_chans = embed.proj.in_channels
         self.grid = tuple(embed.grid_size)
         dim = encoder.embed_dim
-        # Fixed (non-trainable) sin-cos position embeddings for encoder and decoder.
-        encoder.pos_embed.requires_grad_(False)
-        encoder.pos_embed.data.copy_(sincos_pos_embed(self.grid, dim))
+        self.prefix = prefix_of(encoder)
+        if dim % 4 or decoder_embed_dim % 4:
+            raise UserError(
+                f"DMAE's 2-D sin-cos position embeddings need widths divisible by 4: the encoder "
+                f"has {dim}, the decoder {decoder_embed_dim} (pretrain.decoder_embed_dim)"
+            )
+        if encoder.pos_embed is not None:  # fixed (non-trainable), as MAE
+            encoder.pos_embed.requires_grad_(False)
+            encoder.pos_embed.data.copy_(sincos_pos_embed(self.grid, dim, self.prefix.rows))
 
         self.decoder_embed = nn.Linear(dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        pos = sincos_pos_embed(self.grid, decoder_embed_dim)
+        pos = sincos_pos_embed(self.grid, decoder_embed_dim, self.prefix.tokens)
         self.decoder_pos_embed = nn.Parameter(pos, requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             Block(
@@ -119,7 +123,8 @@ class DMAE(nn.Module):
     def initialize_weights(self) -> None:
         w = self.encoder.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as if a linear layer
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        if self.encoder.cls_token is not None:
+            nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_linear_and_norm)
 
@@ -127,27 +132,55 @@ class DMAE(nn.Module):
     def forward_encoder(
         self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: normalised (B, C, H, W) -> latent (B, 1+K, D), mask (B, L), ids_restore (B, L)."""
+        """x: normalised (B, C, H, W) -> latent (B, P+K, D) with the P prefix tokens first,
+        mask (B, L), ids_restore (B, L)."""
         enc = self.encoder
-        tokens = enc.patch_embed(x) + enc.pos_embed[:, 1:, :]
+        tokens = enc.patch_embed(x)
+        if tokens.dim() == 4:  # (B, H, W, D) from a ViT with dynamic_img_size
+            tokens = tokens.flatten(1, 2)
+        if enc.pos_embed is not None:
+            tokens = tokens + enc.pos_embed[:, self.prefix.rows :, :]
         tokens, mask, ids_restore = random_masking(tokens, mask_ratio, generator)
-        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
-        tokens = torch.cat([cls, tokens], dim=1)
+        tokens = torch.cat([self.prefix_tokens(tokens.shape[0]), tokens], dim=1)
+        tokens = enc.norm_pre(tokens) if hasattr(enc, "norm_pre") else tokens
         for block in enc.blocks:
             tokens = block(tokens)
-        return enc.norm(tokens), mask, ids_restore
+        return self.final_norm()(tokens), mask, ids_restore
+
+    def prefix_tokens(self, batch: int) -> torch.Tensor:
+        """The encoder's cls and register tokens with their positions: (batch, P, D)."""
+        enc = self.encoder
+        parts = [t for t in (enc.cls_token, getattr(enc, "reg_token", None)) if t is not None]
+        if not parts:
+            return enc.patch_embed.proj.weight.new_zeros(batch, 0, enc.embed_dim)
+        prefix = torch.cat(parts, dim=1)
+        if self.prefix.rows and enc.pos_embed is not None:
+            prefix = prefix + enc.pos_embed[:, : self.prefix.rows, :]
+        return prefix.expand(batch, -1, -1)
+
+    def final_norm(self) -> nn.Module:
+        """The encoder's last norm: `norm`, or `fc_norm` where timm moved it after the pooling
+        (a ViT without a cls token pools by average); per token they are the same LayerNorm."""
+        enc = self.encoder
+        norm = enc.norm
+        if isinstance(norm, nn.Identity) and not isinstance(
+            getattr(enc, "fc_norm", norm), nn.Identity
+        ):
+            return enc.fc_norm
+        return norm
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent (B, 1+K, D) -> predicted patches (B, L, p*p*C) in the original order."""
+        """latent (B, P+K, D) -> predicted patches (B, L, p*p*C) in the original order."""
         x = self.decoder_embed(latent)
         b, length = ids_restore.shape
-        masked = self.mask_token.expand(b, length + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:, :], masked], dim=1)
+        p = self.prefix.tokens
+        masked = self.mask_token.expand(b, length + p - x.shape[1], -1)
+        patches = torch.cat([x[:, p:, :], masked], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], patches], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :p, :], patches], dim=1) + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        return self.decoder_pred(self.decoder_norm(x))[:, p:, :]
 
     def target(self, clean: torch.Tensor) -> torch.Tensor:
         """The clean image, normalised and patchified; per-patch standardised with norm_pix_loss."""

@@ -15,10 +15,13 @@ are removed first; entries that are not tensors are ignored.
 `checkpoint_filter_fn` does for timm's models. The model is recognised by its own keys:
   - a bare timm ViT (a classifier's `vit`, initialised for fine-tuning) takes the encoder of any
     layout: decoder tensors are skipped, position embeddings are resampled (bicubic) when the
-    patch grid differs, and a head of another class count is dropped and trained anew, as MAE
-    does;
+    patch grid differs and moved to the model's prefix tokens (cls, registers, none) when those
+    differ (`positions.convert_pos_embed`), and a head of another class count is dropped and
+    trained anew, as MAE does;
   - a DMAE (pre-training from a checkpoint) takes its own layout and the official one, without
-    what it computes itself: the fixed sin-cos position embeddings and the adapter's statistics;
+    the adapter's statistics (those of the data); its fixed position tables are the
+    checkpoint's when their shapes agree (the weights were trained with them), else the
+    model's own sin-cos tables;
   - a `Classifier` (certifying) takes its own layout as it is: it must fit exactly.
 The loaders then check the fit: anything that cannot fit the model (another width, depth, patch
 size or number of channels) is one `UserError` line.
@@ -35,8 +38,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
 
+from dmae_cli.models.positions import (
+    Prefix,
+    convert_pos_embed,
+    prefix_in,
+    prefix_of,
+    resize_pos_embed,  # noqa: F401  (callers import it from here)
+)
 from dmae_cli.runtime import checkpoint, ui
 from dmae_cli.runtime.errors import UserError
 
@@ -78,6 +87,7 @@ class Filtered:
     skipped_decoder: int = 0
     dropped_head: bool = False
     resampled: tuple[tuple[int, int], tuple[int, int]] | None = None  # old grid, new grid
+    prefix: tuple[Prefix, Prefix] | None = None  # the checkpoint's prefix tokens, the model's
 
 
 def unwrap(state: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -141,33 +151,52 @@ def filter_state_dict(state: Mapping[str, Any], model: nn.Module, source: str) -
         (target.prefix + name if role == "encoder" else name): value for role, name, value in placed
     }
     if target.recompute:
-        weights = {k: v for k, v in weights.items() if not _recomputed(k)}
+        own = model.state_dict()
+        weights = {k: v for k, v in weights.items() if not _recomputed(k, v, own)}
     return Filtered(weights)
 
 
-def _recomputed(key: str) -> bool:
-    """Position embeddings are fixed functions of the patch grid, the adapter's buffers those of
-    the data: recomputed by the model, never transplanted."""
-    return key.endswith("pos_embed") or key.startswith("adapter.")
+def _recomputed(key: str, value: torch.Tensor, own: Mapping[str, torch.Tensor]) -> bool:
+    """What a DMAE makes itself rather than takes: the adapter's buffers (the data's
+    statistics), fixed position tables of another shape than its own, and register tokens of
+    another count (new ones are trained)."""
+    if key.startswith("adapter."):
+        return True
+    if key.endswith(("pos_embed", "reg_token")):
+        return key not in own or tuple(value.shape) != tuple(own[key].shape)
+    return False
 
 
 def _fit_pos_embed(out: Filtered, vit: nn.Module, source: str) -> None:
     own = vit.state_dict()
     pos = out.weights.get("pos_embed")
-    if pos is None or "pos_embed" not in own or pos.shape == own["pos_embed"].shape:
+    if pos is None or "pos_embed" not in own:
         return
-    prefix = int(getattr(vit, "num_prefix_tokens", 1))
+    target = prefix_of(vit)
     grid = tuple(vit.patch_embed.grid_size)
-    if not _resamplable(pos, own["pos_embed"], prefix, source):
+    tokens = Prefix("cls_token" in out.weights, _registers(out.weights), True).tokens
+    if not _resamplable(pos, own["pos_embed"], tokens, source):
         return  # another width: `_check_fits` names it, with the other tensors of that width
-    try:
-        out.weights["pos_embed"] = resize_pos_embed(pos, grid, prefix)
-    except ValueError as exc:
+    found = prefix_in(out.weights, pos.shape[1])
+    if found is None:
         raise UserError(
-            f"{source}: cannot use its pos_embed of shape {tuple(pos.shape)}: {exc}"
-        ) from exc
-    old = math.isqrt(pos.shape[1] - prefix)
-    out.resampled = ((old, old), grid)
+            f"{source}: cannot use its pos_embed of shape {tuple(pos.shape)}: its rows form no "
+            f"square grid of patches, with or without a row for each of its {tokens} prefix "
+            f"tokens"
+        )
+    old = math.isqrt(pos.shape[1] - found.rows)
+    if found == target and (old, old) == grid:
+        return
+    convert_pos_embed(out.weights, found, target, grid)
+    if (old, old) != grid:
+        out.resampled = ((old, old), grid)
+    if found != target:
+        out.prefix = (found, target)
+
+
+def _registers(weights: Mapping[str, torch.Tensor]) -> int:
+    registers = weights.get("reg_token")
+    return int(registers.shape[1]) if registers is not None and registers.dim() == 3 else 0
 
 
 def _resamplable(pos: torch.Tensor, own: torch.Tensor, prefix: int, source: str) -> bool:
@@ -208,12 +237,16 @@ class LoadReport:
     skipped_decoder: int = 0
     dropped_head: bool = False
     resampled: tuple[tuple[int, int], tuple[int, int]] | None = None  # old grid, new grid
+    prefix: tuple[Prefix, Prefix] | None = None  # the checkpoint's prefix tokens, the model's
 
     def summary(self, source: str) -> str:
         parts = [f"loaded {self.loaded} tensors from {source}"]
         if self.resampled is not None:
             (oh, ow), (nh, nw) = self.resampled
             parts.append(f"pos_embed resampled {oh}x{ow} -> {nh}x{nw}")
+        if self.prefix is not None:
+            old, new = self.prefix
+            parts.append(f"prefix tokens {old.describe()} -> {new.describe()}")
         if self.skipped_decoder:
             parts.append(f"skipped {self.skipped_decoder} decoder tensors")
         if self.dropped_head:
@@ -223,22 +256,6 @@ class LoadReport:
         if self.unexpected:
             parts.append(f"unexpected (ignored): {', '.join(self.unexpected)}")
         return "; ".join(parts)
-
-
-def resize_pos_embed(
-    pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int
-) -> torch.Tensor:
-    """Position embeddings (1, prefix + h*w, D) of a square grid resampled to `grid` (bicubic).
-
-    The prefix (cls) slots are kept as they are; only the patch grid is interpolated.
-    """
-    patches = pos_embed.shape[1] - num_prefix_tokens
-    side = math.isqrt(patches)
-    if side * side != patches:
-        raise ValueError(f"{patches} position embeddings do not form a square grid")
-    return resample_abs_pos_embed(
-        pos_embed, new_size=list(grid), old_size=[side, side], num_prefix_tokens=num_prefix_tokens
-    )
 
 
 def _width(weights: dict[str, torch.Tensor]) -> int | None:
@@ -291,6 +308,7 @@ def load_encoder(vit: nn.Module, path: str | Path) -> LoadReport:
         skipped_decoder=filtered.skipped_decoder,
         dropped_head=filtered.dropped_head,
         resampled=filtered.resampled,
+        prefix=filtered.prefix,
     )
     _check_fits(weights, vit, source)
     result = vit.load_state_dict(weights, strict=False)
@@ -325,7 +343,7 @@ def load_pretrained_into(model: nn.Module, path: str | Path) -> None:
             f"{path}: no tensor of the checkpoint matches the DMAE model; pretrain.init takes a "
             f"DMAE/MAE pre-training checkpoint (ours or the official layout)"
         )
-    missing = [k for k in result.missing_keys if not _recomputed(k)]
+    missing = [k for k in result.missing_keys if not k.endswith(("pos_embed", "reg_token"))]
     ui.info(
         f"loaded {len(weights) - len(result.unexpected_keys)} tensors from {path}"
         + (f"; missing: {', '.join(missing)}" if missing else "")
