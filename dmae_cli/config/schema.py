@@ -61,6 +61,10 @@ class ModelConfig:
     image_size: int = field(default=16, metadata=side())  # model input; resized if it differs
     patch_size: int = field(default=4, metadata=positive())
     options: dict[str, Any] = field(default_factory=dict)  # overrides for the backbone factory
+    # The statistics the model normalises its inputs with: the data set's, those its init
+    # checkpoint records (a dmae checkpoint), ImageNet's (the official DMAE/MAE weights) or
+    # 0.5 (timm's augreg ViTs); a mismatch with the init checkpoint's is warned about.
+    normalize: Literal["data", "checkpoint", "imagenet", "inception"] = "data"
 
     def mismatch(self) -> Mismatch | None:
         """Patches tile the input, in a grid a checkpoint's description allows; heads split the

@@ -19,6 +19,7 @@ from typing import Any, TypeGuard
 from dmae_cli import __version__
 from dmae_cli.api import DatasetInfo
 from dmae_cli.config.recipe import Recipe
+from dmae_cli.models.normalise import init_file, model_statistics
 from dmae_cli.runtime.errors import UserError
 
 SPEC_VERSION = 1
@@ -116,6 +117,8 @@ class ModelSpec:
     @classmethod
     def _from_recipe(cls, recipe: Recipe, info: DatasetInfo, **stage: Any) -> ModelSpec:
         m = recipe.model
+        init = stage.get("init") if stage["stage"] == "finetune" else recipe.pretrain.init
+        mean, std = model_statistics(m.normalize, info, init_file(init))  # model.normalize
         return cls(
             dmae_version=__version__,
             backbone=m.backbone,
@@ -124,8 +127,8 @@ class ModelSpec:
             patch_size=m.patch_size,
             input_size=info.image_size,
             channels=info.channels,
-            mean=tuple(info.mean),
-            std=tuple(info.std),
+            mean=mean,
+            std=std,
             num_classes=info.num_classes,
             class_names=tuple(info.class_names),
             dataset=recipe.data.dataset,

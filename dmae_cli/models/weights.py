@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dmae_cli.models import normalise
 from dmae_cli.models.positions import (
     Prefix,
     convert_pos_embed,
@@ -324,6 +325,7 @@ def load_encoder(vit: nn.Module, path: str | Path) -> LoadReport:
         nn.init.trunc_normal_(head.weight, std=2e-5)
         nn.init.zeros_(head.bias)
     ui.info(report.summary(source))
+    normalise.announce(path)  # the statistics it was trained under, if not the model's
     return report
 
 
@@ -349,3 +351,4 @@ def load_pretrained_into(model: nn.Module, path: str | Path) -> None:
         + (f"; missing: {', '.join(missing)}" if missing else "")
         + (f"; unexpected: {', '.join(result.unexpected_keys)}" if result.unexpected_keys else "")
     )
+    normalise.announce(path)
