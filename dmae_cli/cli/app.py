@@ -11,10 +11,10 @@ from dmae_cli.cli.base import app
 
 # Importing a command module registers its command: this order is the order of --help.
 # isort: off
-from dmae_cli.cli import pretrain, finetune, certify, predict, report, demo, plugins, shard
+from dmae_cli.cli import pretrain, finetune, certify, predict, import_, report, demo, plugins, shard
 # isort: on
 
-COMMANDS = (pretrain, finetune, certify, predict, report, demo, plugins, shard)
+COMMANDS = (pretrain, finetune, certify, predict, import_, report, demo, plugins, shard)
 __all__ = ["COMMANDS", "app", "main"]
 
 
