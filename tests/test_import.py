@@ -207,3 +207,10 @@ def test_every_import_mistake_is_one_line(tmp_path: Path, case: str) -> None:
     line = one_line_error(cli(*args))
     assert says in line
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_import_help_has_examples() -> None:
+    result = runner.invoke(app, ["import", "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    for text in ("Examples", "dmae import", "--mean", "dmae certify", "--checkpoint"):
+        assert text in result.output
