@@ -209,17 +209,18 @@ def print_table(
 ) -> None:
     per_epoch_cpu = rows[0].cpu_s / rows[0].epochs
     print(f"\n{args.recipe}, sigma {args.sigma}\n")
-    print(
-        f"pre-training: {cost['pretrain_flops']:.3g} FLOPs = {extra_epochs} fine-tuning epochs "
-        f"of {cost['finetune_epoch_flops']:.3g} FLOPs"
-        + (
-            f" (CPU time: {pretrain_cpu:.0f} s = {pretrain_cpu / per_epoch_cpu:.0f} epochs of "
-            f"{per_epoch_cpu:.1f} s)"
-            if pretrain_cpu is not None
-            else ""
+    if cost["pretrain_flops"] > 0:
+        print(
+            f"pre-training: {cost['pretrain_flops']:.3g} FLOPs = {extra_epochs} fine-tuning "
+            f"epochs of {cost['finetune_epoch_flops']:.3g} FLOPs"
+            + (
+                f" (CPU time: {pretrain_cpu:.0f} s = {pretrain_cpu / per_epoch_cpu:.0f} epochs "
+                f"of {per_epoch_cpu:.1f} s)"
+                if pretrain_cpu is not None
+                else ""
+            )
+            + "\n"
         )
-        + "\n"
-    )
     radii = [r for r in RADII if any(row.certified for row in rows)]
     head = " | ".join(f"cert. r={r:g}" for r in radii)
     print(
@@ -231,8 +232,36 @@ def print_table(
         cells = "".join(f" {r.certified[x]:.1%} |" if r.certified else " |" for x in radii)
         print(
             f"| {r.name} | {r.epochs} | {r.blr:g} | {r.layer_decay:g} | {r.noisy_best:.1%} "
-            f"| {r.clean_best:.1%} | {r.cpu_s:.0f} |{cells if radii else ''}"
+            f"| {r.clean_best:.1%} | {'-' if math.isnan(r.cpu_s) else f'{r.cpu_s:.0f}'} |"
+            f"{cells if radii else ''}"
         )
+
+
+def collect(args: argparse.Namespace, base: Path) -> None:
+    """The table of a run directory `--out` left (one stopped before its end, say): each
+    finished fine-tuning from its best.pth and config.yaml, certified accuracy from
+    certify/<run>/ when there, e.g. written by `dmae certify` with the settings of `certify`."""
+    from dmae_cli.runtime.checkpoint import load_checkpoint
+    from dmae_cli.smoothing.runfile import Row as RunRow
+    from dmae_cli.smoothing.runfile import read_lines, tsv_path
+
+    names = {"dmae": "DMAE init", "random": "random init, recipe", "blr": "random init, ld 1.0"}
+    rows = []
+    for run in base.glob("*/sigma-*/best.pth"):
+        recipe = load_recipe(run.parent / "config.yaml")
+        cfg, metrics = recipe.finetune, load_checkpoint(run)["metrics"]
+        name = names.get(run.parent.parent.name.split("-")[0], "random init, ld 1.0, longer")
+        row = Row(name, cfg.epochs, cfg.blr, cfg.layer_decay, metrics["acc_noisy"],
+                  metrics["acc_clean"], float("nan"), run)  # fmt: skip
+        tsv = tsv_path(base / "certify" / run.parent.parent.name, args.sigma)
+        if tsv.is_file():
+            done = [RunRow.parse(line) for line in read_lines(tsv).values()]
+            row.certified = {
+                r: sum(x.correct and x.radius >= r for x in done) / len(done) for r in RADII
+            }
+        rows.append(row)
+    rows.sort(key=lambda r: (r.name != "DMAE init", r.epochs, r.name, r.blr))
+    print_table(args, rows, {"pretrain_flops": 0.0, "finetune_epoch_flops": 1.0}, 0, None)
 
 
 def main() -> None:
@@ -264,10 +293,14 @@ def main() -> None:
     parser.add_argument(
         "--skip-recipe-row", action="store_true", help="no random init with the recipe's lr"
     )
+    parser.add_argument("--collect", type=Path, help="only print the table of this --out dir")
     parser.add_argument("--jobs", type=int, default=1, help="fine-tunings at once, one thread each")
     args = parser.parse_args()
     if not math.isfinite(args.sigma) or args.sigma <= 0:
         parser.error("--sigma must be positive")
+    if args.collect:
+        collect(args, args.collect)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         run(args, args.out or Path(tmp))
 
