@@ -43,6 +43,10 @@ def build_loader(
         num_workers=data.num_workers,
         pin_memory=data.pin_memory,
         persistent_workers=data.persistent_workers and data.num_workers > 0,
+        # Every new iterator draws its workers' base seed from this generator; without one
+        # it draws from the global RNG, so a run resumed inside an epoch (which starts an
+        # iterator the interrupted run did not) would continue with other noise and masks.
+        generator=torch.Generator().manual_seed(seed),
     )
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_batch_size"):  # whole batches per worker: every rank's len agrees
@@ -61,7 +65,6 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         drop_last=train,
-        generator=torch.Generator().manual_seed(seed),
         **workers,
     )
 

@@ -1,17 +1,20 @@
 """torch.distributed from the torchrun environment; every helper is a no-op on one process.
 
-A stage joins the process group with `process_group(device)` and leaves it when the stage ends:
-the group's gloo threads must be shut down while the interpreter is whole, or a rank that exits
-with the group still alive can abort in its teardown (`terminate called without an active
-exception`, exit -6) after its work is done. `init_from_env` alone (for callers that do not
-scope it) registers the same teardown to run at exit. `agreed()` makes a stage's preparation
-fail on every rank when it fails on one, so no rank waits for a partner that has given up.
+A process joins the group once, with the first stage that needs it (`process_group(device)`,
+or `init_from_env`), and keeps it for its next stages (`dmae demo` runs four): a group left and
+joined again under torchrun finds the first one's addresses in torchrun's store and fails. It
+leaves the group at exit, from an `atexit` handler, while the interpreter is still whole: a
+rank that exits with its gloo group alive can abort in the interpreter's teardown (`terminate
+called without an active exception`, exit -6) after its work is done. `agreed()` makes a
+stage's preparation fail on every rank when it fails on one, so no rank waits for a partner
+that has given up; a collective that fails because another rank died is one line (`PeerLost`).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -62,18 +65,17 @@ def timeout() -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
-def init_from_env(device: torch.device) -> bool:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); else do nothing.
-    True when this call created the group (its caller, or the exit handler, destroys it)."""
+def init_from_env(device: torch.device) -> None:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU) until the process
+    exits; nothing when joined already or not under torchrun."""
     if is_distributed() or not launched_by_torchrun():
-        return False
+        return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     wait = timeout()
     dist.init_process_group(backend=backend, **({"timeout": wait} if wait else {}))
-    atexit.register(destroy)
-    return True
+    atexit.register(destroy)  # after everything registered before: torch's own exit handlers
 
 
 def destroy() -> None:
@@ -82,16 +84,44 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+class PeerLost(UserError):
+    """Another rank stopped answering (it died, or its node did): one line, exit code 1."""
+
+    exit_code = 1
+
+
 @contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
-    """The torchrun process group for the block: joined on entry unless it exists, and then
-    destroyed on exit, also after an error (other ranks' collectives then fail, not wait)."""
-    created = init_from_env(device)
+    """The torchrun process group, joined for the block (and the rest of the process) unless
+    it is already; a collective of the block that fails because another rank is gone becomes
+    `PeerLost`, one line."""
+    init_from_env(device)
     try:
         yield
-    finally:
-        if created:
-            destroy()
+        return
+    except RuntimeError as exc:
+        if not is_distributed() or not lost_peer(exc):
+            raise
+        reason = _first_sentence(exc)
+        # Its frames hold the DDP model, whose reducer must go before the group does at exit
+        # (a reducer outliving its group can abort the process as it ends).
+        exc.__traceback__ = None
+    raise PeerLost(  # outside the handler: no context keeps those frames either
+        f"rank {rank()}: lost contact with the other ranks ({reason}); the job cannot go on: "
+        "the log of the rank that stopped first says why; rerun the same command to resume "
+        "from the run's last checkpoint"
+    )
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing for want of another rank (not a bug of ours):
+    torch's distributed errors, and gloo's, which arrive as plain RuntimeErrors."""
+    return isinstance(exc, dist.DistError) or "/gloo/" in str(exc)
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))  # gloo's [file:line]
+    return text.split(". ")[0].rstrip(".") or type(exc).__name__
 
 
 @contextmanager

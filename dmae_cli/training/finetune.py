@@ -186,7 +186,10 @@ def finetune_sigma(
     with distributed.agreed():  # a problem on any rank stops every rank, before training
         trainer, keeper = sigma_trainer(recipe, sigma, run_dir, init, data, device)
     trainer.distribute()
-    history = trainer.fit(stop_after=stop_after)
+    try:
+        history = trainer.fit(stop_after=stop_after)
+    finally:
+        trainer.close()
     return SigmaRun(sigma, run_dir, history, keeper.best or {})
 
 

@@ -82,7 +82,7 @@ def run_pretrain(
     """Pre-train DMAE as the recipe says; resumes automatically from the run's `last.pth`.
 
     Everything the run needs (data, run directory, the checkpoint to resume) is checked on
-    every rank before the first step; the process group it joins is left when it ends.
+    every rank before the first step (`distributed.agreed`: a problem on one rank stops all).
     """
     run_dir = Path(out) if out is not None else recipe.stage_dir("pretrain")
     device = resolve_device(recipe.device)
@@ -91,8 +91,11 @@ def run_pretrain(
             held.enter_context(run_lock(run_dir))
             trainer, model, pictures = _prepare(recipe, run_dir, resume, device)
         trainer.distribute()
-        history = trainer.fit(stop_after=stop_after)
-        del trainer  # its loader's workers and the DDP wrapper end before the process group
+        try:
+            history = trainer.fit(stop_after=stop_after)
+        finally:
+            trainer.close()
+        del trainer  # and its loader's workers, now rather than with the model kept below
         picture = pictures.draw(model, device) if pictures is not None else None
     return PretrainResult(run_dir, history, picture, model)
 

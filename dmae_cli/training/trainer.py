@@ -108,6 +108,11 @@ class Trainer:
         every rank: a collective, so outside `distributed.agreed`); after `resume`."""
         self.model = distributed.wrap_ddp(self.model, self.device)
 
+    def close(self) -> None:
+        """Drop the DDP wrapper (its reducer uses the process group, which is left at exit and
+        must outlive it), also when a traceback keeps this trainer alive."""
+        self.model = unwrap(self.model)
+
     def resume(self, path: Path | None = None) -> bool:
         """Restore from `path` or this run's `last.pth`; False when there is nothing to resume."""
         resumed = self.checkpointer.resume(path)
