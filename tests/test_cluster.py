@@ -285,8 +285,11 @@ def test_torchrun_restarts_a_killed_rank_and_completes_by_itself(
         str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "--max-restarts", "3",
         "--monitor-interval", "0.2", "-m", "dmae_cli", *pretrain_args(out, shards, *RUN),
     ]  # fmt: skip
+    # A restarted generation must not read the addresses the previous one left in the store
+    # torchrun shares with its workers (pytorch/pytorch#135712): one store per round instead.
+    fresh_store = {**env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     with (tmp_path / "run.torchrun.log").open("w") as log:
-        agent = subprocess.Popen(command, cwd=REPO, env=env(), stdout=log, stderr=log)
+        agent = subprocess.Popen(command, cwd=REPO, env=fresh_store, stdout=log, stderr=log)
         wait_for(out / "last.pth", [agent], out)
         workers = worker_pids(agent.pid)
         assert len(workers) == 2
