@@ -10,9 +10,12 @@ what is wrong is said in one line, in the dataset's own terms.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
@@ -94,7 +97,25 @@ def _kind(value: Any) -> str:
 
 def first_item(dataset: Any) -> Any:
     """Item 0 of a map-style dataset, or the first item a stream yields (the stream is closed
-    again, so no reader is left open)."""
+    again, so no reader is left open). The random number generators are left as they were:
+    an augmenting dataset draws from them, and a check must not change what a run trains on."""
+    with _random_state_kept():
+        return _first(dataset)
+
+
+@contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Restore torch's CPU generator, Python's and NumPy's global ones on the way out."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _first(dataset: Any) -> Any:
     if not isinstance(dataset, IterableDataset):
         return dataset[0]
     stream: Iterator[Any] = iter(dataset)
