@@ -251,11 +251,16 @@ def collect(args: argparse.Namespace, base: Path) -> None:
         recipe = load_recipe(run.parent / "config.yaml")
         cfg, metrics = recipe.finetune, load_checkpoint(run)["metrics"]
         name = names.get(run.parent.parent.name.split("-")[0], "random init, ld 1.0, longer")
+        history = (run.parent / "metrics.jsonl").read_text().splitlines()
+        trained = json.loads(history[-1])["epoch"] + 1 if history else 0
+        if trained < cfg.epochs:  # stopped early: its best so far, marked as such
+            name += f" (stopped after {trained} epochs)"
         row = Row(name, cfg.epochs, cfg.blr, cfg.layer_decay, metrics["acc_noisy"],
                   metrics["acc_clean"], float("nan"), run)  # fmt: skip
         tsv = tsv_path(base / "certify" / run.parent.parent.name, args.sigma)
-        if tsv.is_file():
-            done = [RunRow.parse(line) for line in read_lines(tsv).values()]
+        done = [RunRow.parse(line) for line in read_lines(tsv).values()]
+        if done:
+            row.name += f" [{len(done)} images certified]"
             row.certified = {
                 r: sum(x.correct and x.radius >= r for x in done) / len(done) for r in RADII
             }
