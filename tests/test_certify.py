@@ -423,7 +423,10 @@ def test_cli_without_a_recipe_takes_the_latest_run(
         (["--set", "certify.parallel=0"], "certify.parallel: expected an integer >= 1, or auto"),
         (["--sigma", "-1"], "certify.sigma: expected one or more numbers > 0"),
         (["--certifier", "nope"], "unknown certifier 'nope'; available: cohen, sequential"),
-        (["--set", "certify.options={bogus: 1}"], "certifier 'cohen' rejected its options"),
+        (
+            ["--set", "certify.options={bogus: 1}"],
+            "certifier 'cohen' from dmae rejected its options",
+        ),
         (["--sigma", "0.25"], "no fine-tuned model for sigma 0.25"),
         (["--start", "400"], "outside the test split, which has 360 examples"),
         (["--split", "holdout"], "unknown split 'holdout'"),

@@ -151,8 +151,9 @@ def test_parallel_passes_are_a_multiple_of_the_threads_and_count_the_same() -> N
 def test_a_failing_certifier_is_raised_at_once_and_the_others_are_closed() -> None:
     plan = Plan([3, 4], [3, 4, 5], fail_after=0)
     model = PixelVote()
-    with pytest.raises(ValueError, match="certifier bug"):
+    with pytest.raises(UserError, match="^certifier 'plan': certifier bug$") as raised:
         certify_all(sampler(model), examples(images(2)), plan, plan_requests(2))
+    assert isinstance(raised.value.__cause__, ValueError)  # DMAE_DEBUG=1 shows its traceback
     assert plan.finished == [] and model.batches == [6]  # no round after the failure
 
 
@@ -305,3 +306,38 @@ def test_certifier_code_runs_in_the_calling_thread() -> None:
 
     certify_all(sampler(PixelVote()), examples(images(4)), Watched(*[[9, 9]] * 4), plan_requests(4))
     assert where == {threading.get_ident()}
+
+
+class Buggy:
+    """A certifier whose own code fails after its first draw, in either API."""
+
+    name = "buggy"
+
+    def certify(self, request: CertifyRequest) -> Generator[int, torch.Tensor, Certificate]:
+        yield 4
+        raise KeyError("oops")
+
+    def predict(self, request: CertifyRequest) -> Generator[int, torch.Tensor, int]:
+        yield 4
+        return 0
+
+
+class BuggyV1(CohenV1):
+    name = "buggy-v1"
+
+    def certify(self, counts: CountsFn, request: CertifyRequest) -> Certificate:
+        counts(4)
+        raise KeyError("oops")
+
+
+@pytest.mark.parametrize("certifier", [Buggy(), BuggyV1()], ids=["api2", "api1"])
+def test_a_bug_in_a_certifier_is_one_line_naming_it(certifier: object) -> None:
+    name = certifier.name  # type: ignore[attr-defined]
+    with pytest.raises(UserError, match=f"^certifier '{name}' failed: KeyError: 'oops' ") as hit:
+        certify_all(sampler(PixelVote()), examples(images(2)), certifier, plan_requests(2))
+    assert "DMAE_DEBUG=1" in str(hit.value) and isinstance(hit.value.__cause__, KeyError)
+
+
+def test_the_models_failure_under_an_api_1_certifier_is_not_blamed_on_it() -> None:
+    with pytest.raises(RuntimeError, match="model failed"):
+        certify_all(sampler(FailsOnPass(1)), examples(images(1)), CohenV1(), plan_requests(1))

@@ -113,6 +113,13 @@ def test_third_party_dataset_and_backbone_run_every_stage(acme: Path) -> None:
     result = runner.invoke(app, ["report", str(run), "--out", str(acme / "report")])
     assert result.exit_code == 0, result.output
     assert "σ=0.25" in result.stdout
+    for certifier, expected in [
+        ("raising", "factory() raised RuntimeError: licence file not found"),
+        ("buggy", "certifier 'buggy' failed: ZeroDivisionError: division by zero (a bug in"),
+    ]:
+        out = ["--out", str(acme / certifier), "--certifier", certifier]
+        line = one_line_error(stage(acme, "certify", *out))
+        assert f"certifier '{certifier}'" in line and expected in line
 
 
 @pytest.mark.parametrize(
@@ -215,8 +222,10 @@ def test_check_builds_each_dataset_and_names_what_is_wrong(acme: Path) -> None:
     assert rows["webdataset"]["status"] == "not checked: needs data"
     assert rows["blobs"]["description"] == "Dark and bright blobs: two classes, no files needed."
     failed = {name for name, r in rows.items() if r["status"] == "failed"}
-    assert failed == {"blobs_hwc", "blobs_buggy", "blobs_missing"}
-    assert "3 plugin(s) failed" in result.stderr
+    assert failed == {"blobs_hwc", "blobs_buggy", "blobs_missing", "raising"}
+    assert "factory() raised RuntimeError: licence file not found" in rows["raising"]["error"]
+    assert rows["buggy"]["status"] == "ok" and rows["buggy"]["api"] == 2  # fails only when run
+    assert "4 plugin(s) failed" in result.stderr
 
 
 def test_checking_the_first_item_leaves_the_random_generators_alone() -> None:

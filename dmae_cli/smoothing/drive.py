@@ -32,6 +32,7 @@ import inspect
 import itertools
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +46,9 @@ from dmae_cli.api import (
     certifier_api,
     copies_asked,
 )
+from dmae_cli.plugins.boundary import DEBUG_HINT, PluginFailure, one_line
 from dmae_cli.runtime.errors import UserError
+from dmae_cli.runtime.interrupt import Interrupted
 from dmae_cli.smoothing.noise import NoiseStream
 from dmae_cli.smoothing.sampler import Sampler, tally
 
@@ -85,15 +88,18 @@ def drive(
     if len(examples) != len(requests):
         raise ValueError(f"{len(examples)} examples but {len(requests)} requests")
     method = "predict" if predict else "certify"
+    name = str(getattr(certifier, "name", type(certifier).__name__))
     if certifier_api(certifier) == 1:
         done = []
         for (image, generator), request in zip(examples, requests, strict=True):
             tick = time.perf_counter()
-            result = getattr(certifier, method)(sampler.counts(image, generator), request)
+            result = _call_v1(
+                getattr(certifier, method), sampler.counts(image, generator), request, name
+            )
             done.append((result, time.perf_counter() - tick))
         return done
-    name = str(getattr(certifier, "name", type(certifier).__name__))
-    runs = [getattr(certifier, method)(request) for request in requests]
+    with _certifier_code(name):
+        runs = [getattr(certifier, method)(request) for request in requests]
     for run in runs:
         if not inspect.isgenerator(run):
             raise UserError(
@@ -154,16 +160,55 @@ def run_together(
 
 def _step(run: Draws, counts: torch.Tensor | None, name: str) -> int | StopIteration:
     """Send `counts` (None: start it) and return how many copies it asks for next, or the
-    StopIteration that carries its result. The certifier's own exceptions pass through; a
-    yield that is no number of copies is one line naming it."""
+    StopIteration that carries its result. What the certifier raises, and a yield that is no
+    number of copies, is one line naming it."""
     try:
-        asked = next(run) if counts is None else run.send(counts)
+        with _certifier_code(name):
+            asked = next(run) if counts is None else run.send(counts)
     except StopIteration as done:
         return done
     try:
         return copies_asked(asked)
     except (TypeError, ValueError) as exc:
         raise UserError(f"certifier '{name}': {exc}") from None
+
+
+@contextmanager
+def _certifier_code(name: str) -> Iterator[None]:
+    """Run a certifier's own code: what it raises becomes one line naming it (a ValueError or
+    `PluginError` is a mistake its user can fix; anything else a bug in the plugin, whose
+    traceback DMAE_DEBUG=1 shows). The end of a generator and an interrupt pass."""
+    try:
+        yield
+    except (StopIteration, Interrupted):
+        raise
+    except (UserError, ValueError) as exc:
+        raise PluginFailure(f"certifier '{name}': {one_line(exc)}") from exc
+    except Exception as exc:
+        raise PluginFailure(
+            f"certifier '{name}' failed: {type(exc).__name__}: {one_line(exc)} ({DEBUG_HINT})"
+        ) from exc
+
+
+def _call_v1(method: Any, counts: CountsFn, request: CertifyRequest, name: str) -> Any:
+    """An API-1 certifier's call under `_certifier_code`; what its `counts` calls raise (the
+    model failing, memory, an interrupt) passes unchanged, it is not the certifier's."""
+    from_counts: list[BaseException] = []
+
+    def marked(num: int) -> torch.Tensor:
+        try:
+            return counts(num)
+        except BaseException as exc:
+            from_counts.append(exc)
+            raise
+
+    try:
+        with _certifier_code(name):
+            return method(marked, request)
+    except PluginFailure as failure:
+        if failure.__cause__ is not None and failure.__cause__ in from_counts:
+            raise failure.__cause__ from None
+        raise
 
 
 def answer(sampler: Sampler, requests: list[Request]) -> torch.Tensor:

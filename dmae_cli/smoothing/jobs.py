@@ -31,7 +31,7 @@ from dmae_cli.config.recipe import CertifyConfig, Recipe
 from dmae_cli.data.loading import load_dataset
 from dmae_cli.models.classifier import load_classifier
 from dmae_cli.models.spec import ModelSpec
-from dmae_cli.plugins import registry
+from dmae_cli.plugins import boundary, registry
 from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
@@ -122,12 +122,8 @@ def build_certifier(cfg: CertifyConfig) -> Certifier | CertifierV1:
     """The certifier plugin named by the recipe, built with `certify.options`."""
     entry = registry.certifiers.entry(cfg.certifier)
     factory = registry.certifiers.get(cfg.certifier)
-    try:
+    with boundary.contained(entry, cfg.options, rejects=(TypeError,)):
         certifier = factory(**cfg.options)
-    except (TypeError, ValueError) as exc:
-        raise UserError(
-            f"certifier '{cfg.certifier}' rejected its options {cfg.options}: {exc}"
-        ) from exc
     if not isinstance(certifier, Certifier):
         raise UserError(
             f"certifier '{cfg.certifier}' from {entry.distribution} does not implement the "

@@ -29,3 +29,23 @@ def blobs_buggy(split: str, *, root: str | None, image_size: int = 8, augment: b
 def vit_raising(*, img_size: int, patch_size: int, in_chans: int, **overrides: Any) -> Any:
     """A backbone whose factory fails with a bug of its own."""
     raise RuntimeError("CUDA kernels for vit_raising are not compiled")
+
+
+class RaisingCertifier:
+    """A certifier factory that fails with a bug of its own."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("licence file not found")
+
+
+class BuggyCertifier:
+    """A certifier whose sampling code fails after its first draw."""
+
+    name = "buggy"
+
+    def certify(self, request: Any) -> Any:
+        yield request.n0
+        raise ZeroDivisionError("division by zero")
+
+    def predict(self, request: Any) -> Any:
+        return (yield request.n0).argmax().item()
