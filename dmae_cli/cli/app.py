@@ -2,7 +2,8 @@
 
 Each command lives in its own module of `dmae_cli.cli` and registers itself on the app of
 `dmae_cli.cli.base` when imported; importing them all here makes this module the complete
-command line (the console script is `dmae_cli.cli.app:main`).
+command line (the console script, `dmae_cli.__main__:main`, calls `main` here after the CPU
+thread settings).
 """
 
 from __future__ import annotations
