@@ -134,3 +134,30 @@ def test_on_cuda(model: Path) -> None:
     smoothed = Smoothed(load_classifier(model, device="cuda"))
     labels = smoothed.predict(torch.rand(2, 1, 16, 16), n=200)
     assert smoothed.classifier.device.type == "cuda" and len(labels) == 2
+
+
+def test_an_imported_classifier_is_smoothed_like_a_fine_tuned_one(tmp_path: Path) -> None:
+    """`dmae import` of an official fine-tuned file: the API and `dmae predict` take it."""
+    from typer.testing import CliRunner
+
+    from dmae_cli.cli.app import app
+    from tests.test_import import import_args, official_save, official_vit
+
+    vit = official_vit()
+    source = official_save(tmp_path / "official-ft.pth", vit.state_dict())
+    out = tmp_path / "imported.pth"
+    runner = CliRunner()
+    imported = runner.invoke(app, [str(a) for a in import_args(source, out)])
+    assert imported.exit_code == 0, imported.output
+    classifier = load_classifier(out, device="cpu")
+    image = torch.rand(1, 16, 16)
+    with torch.no_grad():  # the base classifier is the official model, normalisation included
+        expected = vit((image[None] - 0.3) / 0.4)
+        assert torch.allclose(classifier.model(image[None]), expected, atol=1e-5)
+    smoothed = Smoothed(classifier)
+    assert smoothed.sigma == 0.5
+    np.save(tmp_path / "x.npy", image.numpy())
+    answered = runner.invoke(app, ["predict", str(tmp_path / "x.npy"), "-c", str(out), "--tsv"])
+    assert answered.exit_code == 0, answered.output
+    label = int(answered.stdout.splitlines()[1].split("\t")[1])
+    assert smoothed.predict(image, n=1000) == [label]
