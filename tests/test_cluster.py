@@ -375,3 +375,36 @@ def test_two_nodes_pretrain_as_two_ranks_and_certify_as_one_process(
     settings += ["certify.n0=10", "certify.batch_size=32", "certify.max_examples=7"]
     [alone] = run_certify(load_recipe(RECIPE, settings), out=tmp_path / "alone")
     assert without_time(tmp_path / "nodes" / "sigma-0.5.tsv") == without_time(alone.tsv)
+
+
+def certify_worker(rank: int, port: int, runs: str) -> None:
+    """One rank of a two-rank certification whose run file rank 0 finds locked."""
+    from dmae_cli.config.recipe import load_recipe
+    from dmae_cli.runtime.lock import run_lock
+    from dmae_cli.smoothing.certify import run_certify
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    os.environ["WORLD_SIZE"] = "2"
+    recipe = load_recipe(RECIPE, [f"runs_dir={runs}", "device=cpu", "certify.sigma=[0.5]"])
+    out = Path(runs) / "certified"
+    outcome = "went on"
+    try:
+        if rank == 0:  # another dmae run holds sigma 0.5's file
+            with run_lock(out, ".sigma-0.5.tsv.lock", what="x"):
+                run_certify(recipe, out=out)
+        else:
+            run_certify(recipe, out=out)
+    except UserError as exc:
+        outcome = str(exc)
+    torch.save(outcome, Path(runs) / f"rank{rank}.pt")
+
+
+def test_a_locked_certification_stops_every_rank_before_any_row(runs: Path) -> None:
+    """Before, rank 0 left with its one line and rank 1 waited for it at the first barrier."""
+    mp.spawn(certify_worker, args=(free_port(), str(runs)), nprocs=2, join=True)
+    outcomes = [torch.load(runs / f"rank{r}.pt") for r in range(2)]
+    assert "in use by another dmae run" in outcomes[0], outcomes
+    assert outcomes[1].startswith("rank 0: ") and "in use" in outcomes[1], outcomes
+    assert not (runs / "certified" / "sigma-0.5.tsv").exists()

@@ -35,6 +35,7 @@ from rich.progress import TextColumn
 
 from dmae_cli.config.recipe import Recipe, sigma_name
 from dmae_cli.runtime import distributed, ui
+from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.interrupt import GracefulStop, Interrupted
 from dmae_cli.runtime.lock import run_lock
 from dmae_cli.smoothing.jobs import Job, certify_dir, prepare
@@ -80,12 +81,16 @@ def run_certify(
 ) -> list[SigmaResult]:
     """Certify the recipe's split at every sigma of `recipe.certify`; resumes what exists.
 
-    `loaded`: checkpoints already read, by resolved path (`Found.loaded`), not read again."""
-    with ExitStack() as locks:  # each sigma's run file, one writer at a time
-        for sigma in recipe.certify.sigma:
-            tsv = tsv_path(certify_dir(recipe, out), sigma)
-            locks.enter_context(run_lock(tsv.parent, f".{tsv.name}.lock", what=str(tsv)))
-        indices, out_dir, jobs = prepare(recipe, out, loaded)
+    `loaded`: checkpoints already read, by resolved path (`Found.loaded`), not read again.
+    Under torchrun a problem one rank finds while preparing stops every rank with its line,
+    and a rank that dies ends the others with one line (`distributed.PeerLost`)."""
+    device = resolve_device(recipe.device)
+    with distributed.process_group(device), ExitStack() as locks:
+        with distributed.agreed():
+            for sigma in recipe.certify.sigma:  # each sigma's run file, one writer at a time
+                tsv = tsv_path(certify_dir(recipe, out), sigma)
+                locks.enter_context(run_lock(tsv.parent, f".{tsv.name}.lock", what=str(tsv)))
+            indices, out_dir, jobs = prepare(recipe, out, loaded)
         return [certify_sigma(job, indices, out_dir) for job in jobs]
 
 
