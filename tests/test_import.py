@@ -214,3 +214,20 @@ def test_import_help_has_examples() -> None:
     assert result.exit_code == 0
     for text in ("Examples", "dmae import", "--mean", "dmae certify", "--checkpoint"):
         assert text in result.output
+
+
+def test_a_checkpoint_named_by_a_short_relative_path_is_certified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dmae certify --checkpoint clf.pth` in the model's folder: the run-directory guess for a
+    found model (runs/<name>/finetune/sigma-<s>/) ran even for a named one, IndexError: 3."""
+    official_save(tmp_path / "ft.pth", official_vit().state_dict())
+    made = cli(*import_args(tmp_path / "ft.pth", tmp_path / "clf.pth", "--dataset", "digits"))
+    assert made.exit_code == 0, made.output
+    monkeypatch.chdir(tmp_path)
+    result = cli(
+        "certify", "--checkpoint", "clf.pth", "--sigma", 0.5, "--n0", 8, "--n", 16,
+        "--max-examples", 1, "--out", "cert",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cert" / "sigma-0.5.tsv").is_file()

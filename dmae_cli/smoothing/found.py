@@ -80,12 +80,16 @@ def resolve_recipe(
     explicit = base.certify.checkpoint
     model = Path(explicit) if explicit else latest_model(Path(base.runs_dir), base.certify.sigma[0])
     # A found model lies at runs/<name>/finetune/sigma-<s>/: point the recipe there, so that
-    # every sigma's model and the output directory come from the same run.
-    found = [
-        f"runs_dir={json.dumps(str(model.parents[3]))}",
-        f"name={json.dumps(model.parents[2].name)}",
-    ]
-    pinned = [] if explicit else found
+    # every sigma's model and the output directory come from the same run. A model named with
+    # --checkpoint may lie anywhere (`./clf.pth` has no such parents): nothing is pinned.
+    pinned = (
+        []
+        if explicit
+        else [
+            f"runs_dir={json.dumps(str(model.parents[3]))}",
+            f"name={json.dumps(model.parents[2].name)}",
+        ]
+    )
     config = model.parent / "config.yaml"
     if config.is_file():
         recipe = load_recipe(config, [*pinned, *overrides], typed)
