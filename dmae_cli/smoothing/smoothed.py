@@ -14,7 +14,7 @@ in every call, in any company and in any order.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,14 +129,7 @@ class Smoothed:
     ) -> list[int]:
         """g's prediction for each image, or `ABSTAIN`, from `n` noisy copies each."""
         recipe = self._settings(n=n, n0=1, alpha=alpha, certifier=certifier)
-        requests, examples = self._work(recipe, images, noise)
-        run = build_certifier(recipe.certify)
-        sampler = self.sampler(recipe)
-        return [
-            label
-            for group in groups(len(examples), recipe.certify.together)
-            for label in predict_all(sampler, examples[group], run, requests[group])
-        ]
+        return self._drive(predict_all, recipe, images, noise)
 
     def certify(
         self,
@@ -150,13 +143,24 @@ class Smoothed:
     ) -> list[Certificate]:
         """A certificate per image: `n0` copies select a class, up to `n` bound it."""
         recipe = self._settings(n=n, n0=n0, alpha=alpha, certifier=certifier)
+        return self._drive(certify_all, recipe, images, noise)
+
+    def _drive(
+        self,
+        each_group: Callable[..., list[Any]],
+        recipe: Recipe,
+        images: Images,
+        noise: Sequence[torch.Generator] | None,
+    ) -> list[Any]:
+        """`certify_all` or `predict_all` over the images, `certify.together` at a time, as
+        `dmae certify` groups them (so the two agree row for row given the same noise)."""
         requests, examples = self._work(recipe, images, noise)
         run = build_certifier(recipe.certify)
         sampler = self.sampler(recipe)
         return [
-            cert
+            result
             for group in groups(len(examples), recipe.certify.together)
-            for cert in certify_all(sampler, examples[group], run, requests[group])
+            for result in each_group(sampler, examples[group], run, requests[group])
         ]
 
     def sampler(self, recipe: Recipe) -> Sampler:
