@@ -100,6 +100,17 @@ def save_classifier(
 
 
 @pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """A random classifier (tmp_path/best.pth) whose head leans to classes 3 and 5: some
+    images certify, some not (the Python API's and `dmae predict`'s tests)."""
+    path = save_classifier(tmp_path / "best.pth")
+    state = torch.load(path, weights_only=True)
+    state["model"]["vit.head.bias"][[3, 5]] = torch.tensor([1.0, 0.8])
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture
 def runs(tmp_path: Path) -> Path:
     """A runs directory holding a sigma-0.5 model of the digits recipe."""
     save_classifier(tmp_path / "runs" / "digits" / "finetune" / "sigma-0.5" / "best.pth")

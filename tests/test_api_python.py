@@ -25,16 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def model(tmp_path: Path) -> Path:
-    """A random classifier whose head leans to classes 3 and 5: some images certify, some not."""
-    path = save_classifier(tmp_path / "best.pth")
-    state = torch.load(path, weights_only=True)
-    state["model"]["vit.head.bias"][[3, 5]] = torch.tensor([1.0, 0.8])
-    torch.save(state, path)
-    return path
-
-
-@pytest.fixture
 def smoothed(model: Path) -> Smoothed:
     return Smoothed(load_classifier(model, device="cpu"), batch_size=64)
 

@@ -21,7 +21,7 @@ from dmae_cli.config.recipe import load_recipe
 from dmae_cli.data.images import fit, image_files, read_image
 from dmae_cli.data.loading import load_dataset
 from dmae_cli.runtime.errors import UserError
-from tests.conftest import TINY_OVERRIDES, one_line_error, save_classifier
+from tests.conftest import TINY_OVERRIDES, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -30,16 +30,6 @@ FAST = ["--n", "200", "--n0", "20", "--device", "cpu"]
 
 def predict(*args: str, env: dict[str, str] | None = None):
     return runner.invoke(app, ["predict", *args], env=env)
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    """A random classifier whose head leans to classes 3 and 5: some images certify, some not."""
-    path = save_classifier(tmp_path / "best.pth")
-    state = torch.load(path, weights_only=True)
-    state["model"]["vit.head.bias"][[3, 5]] = torch.tensor([1.0, 0.8])
-    torch.save(state, path)
-    return path
 
 
 @pytest.fixture
