@@ -172,6 +172,14 @@ class FinetuneConfig(OptimConfig):
         ),
     )
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    denoiser_for: str | None = field(  # trains a denoiser instead of a classifier
+        default=None,
+        metadata=flag(
+            "Tune a DMAE denoiser for this frozen classifier (a dmae or `dmae import`ed "
+            "checkpoint) instead of fine-tuning a classifier, into runs/<name>/denoiser/.",
+            metavar="CLASSIFIER",
+        ),
+    )
     eval_every: int = field(default=1, metadata=positive())  # epochs between evaluations
     eval_noise_copies: int = field(default=1, metadata=positive())  # noise draws per test image
 
@@ -191,6 +199,14 @@ class CertifyConfig:
         metadata=flag(
             "Classifier to certify; default: runs/<name>/finetune/sigma-<s>/best.pth, else "
             "last.pth.",
+            metavar="PATH",
+        ),
+    )
+    denoiser: str | None = field(
+        default=None,
+        metadata=flag(
+            "Certify the classifier behind this DMAE denoiser (a pretraining or tuned "
+            "denoiser checkpoint): noise, then denoiser, then classifier.",
             metavar="PATH",
         ),
     )

@@ -72,12 +72,15 @@ class ModelSpec:
     class_names: tuple[str, ...] = ()
     dataset: str | None = None
     data_fingerprint: str | None = None
-    stage: str | None = None  # "pretrain" or "finetune"
+    stage: str | None = None  # "pretrain", "finetune" or "denoiser"
     dmae_version: str | None = None
     spec_version: int = SPEC_VERSION
     # pre-training
     decoder: DecoderSpec | None = None
     norm_pix_loss: bool | None = None
+    noise_levels: tuple[float, ...] | None = None  # the sigmas it was trained to remove
+    # a denoiser tuned for a classifier (`dmae finetune --denoiser-for`): that file's sha256
+    tuned_for: str | None = None
     # fine-tuning
     sigma: float | None = None
     global_pool: str | None = None  # None: "avg"
@@ -286,6 +289,12 @@ def _sigma(value: object, _: dict[str, Any], f: _Field) -> float:
     return float(value)
 
 
+def _noise_levels(value: object, _: dict[str, Any], f: _Field) -> tuple[float, ...]:
+    if not isinstance(value, list) or not 0 < len(value) <= 64:
+        raise f.fail("a list of 1 to 64 finite numbers >= 0")
+    return tuple(_sigma(v, _, f) for v in value)
+
+
 def _pool(value: object, _: dict[str, Any], f: _Field) -> str:
     if not isinstance(value, str) or value not in GLOBAL_POOLS:
         raise f.fail(f"one of {', '.join(repr(p) for p in GLOBAL_POOLS)}")
@@ -328,6 +337,8 @@ READERS: dict[str, Reader] = {
     "data_fingerprint": _text,
     "decoder": _decoder,
     "norm_pix_loss": _flag,
+    "noise_levels": _noise_levels,
+    "tuned_for": _text,
     "sigma": _sigma,
     "global_pool": _pool,
     "head_batchnorm": _flag,
