@@ -134,18 +134,28 @@ class DMAE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: normalised (B, C, H, W) -> latent (B, P+K, D) with the P prefix tokens first,
         mask (B, L), ids_restore (B, L)."""
+        tokens, mask, ids_restore = random_masking(self.embed_patches(x), mask_ratio, generator)
+        return self.encode(tokens), mask, ids_restore
+
+    def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """x: normalised (B, C, H, W) -> patch tokens with their positions (B, L, D)."""
         enc = self.encoder
         tokens = enc.patch_embed(x)
         if tokens.dim() == 4:  # (B, H, W, D) from a ViT with dynamic_img_size
             tokens = tokens.flatten(1, 2)
         if enc.pos_embed is not None:
             tokens = tokens + enc.pos_embed[:, self.prefix.rows :, :]
-        tokens, mask, ids_restore = random_masking(tokens, mask_ratio, generator)
+        return tokens
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, K, D) -> latent (B, P+K, D): the prefix tokens put first, the blocks
+        and the final norm applied."""
+        enc = self.encoder
         tokens = torch.cat([self.prefix_tokens(tokens.shape[0]), tokens], dim=1)
         tokens = enc.norm_pre(tokens) if hasattr(enc, "norm_pre") else tokens
         for block in enc.blocks:
             tokens = block(tokens)
-        return self.final_norm()(tokens), mask, ids_restore
+        return self.final_norm()(tokens)
 
     def prefix_tokens(self, batch: int) -> torch.Tensor:
         """The encoder's cls and register tokens with their positions: (batch, P, D)."""
@@ -181,6 +191,18 @@ class DMAE(nn.Module):
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, p:, :]
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x: normalised (B, C, H, W) -> predicted patches (B, L, p*p*C), every patch visible.
+
+        The denoiser's path (`models.denoiser`): no masking and no shuffle, so it is
+        deterministic and draws nothing from any random generator; `random_masking` with a
+        mask ratio of 0 would keep every patch too, but shuffled, from the global generator.
+        """
+        tokens = self.embed_patches(x)
+        b, length = tokens.shape[:2]
+        in_order = torch.arange(length, device=tokens.device).expand(b, -1)
+        return self.forward_decoder(self.encode(tokens), in_order)
 
     def target(self, clean: torch.Tensor) -> torch.Tensor:
         """The clean image, normalised and patchified; per-patch standardised with norm_pix_loss."""
