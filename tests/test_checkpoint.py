@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,25 @@ def test_atomic_writes_leave_no_temporaries(tmp_path: Path) -> None:
     atomic_write_text(tmp_path / "b.txt", "hello")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.txt"]
     assert torch.equal(load_checkpoint(tmp_path / "a.pth")["model"]["w"], torch.ones(2))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    """mkstemp makes its files 0600: every checkpoint, config and run header came out
+    unreadable to the colleagues the umask lets read a plain `open`'s files."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with open(tmp_path / "plain.txt", "w") as handle:
+        handle.write("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    save_checkpoint(tmp_path / "last.pth", {"model": {}})
+    plain = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert plain == 0o666 & ~umask
+    for name in ("atomic.txt", "last.pth"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain
+    (tmp_path / "atomic.txt").chmod(0o640)  # a file the user restricted keeps its mode
+    atomic_write_text(tmp_path / "atomic.txt", "y")
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == 0o640
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:

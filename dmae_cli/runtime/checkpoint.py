@@ -33,6 +33,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     f = _RecordsWriteErrors(os.fdopen(fd, "wb"))
     try:
+        os.chmod(tmp, _mode_for(path))
         with f.raw:
             write(f)  # type: ignore[arg-type]
             f.flush()
@@ -48,6 +49,19 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions `path` keeps, or those a plain `open` would give a new file: mkstemp's
+    0600 would hide checkpoints and results from the colleagues a umask lets read them."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
+_UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+os.umask(_UMASK)
 
 
 class _RecordsWriteErrors:
