@@ -204,8 +204,10 @@ def test_typed_options_win_over_set_over_the_recipe_over_defaults(certified: lis
 def test_typed_option_mistakes_name_the_key_and_what_was_expected() -> None:
     line = one_line_error(run("certify", "recipes/digits.yaml", "--alpha", "1.5"))
     assert "certify.alpha: expected a number in (0.0, 1.0), got 1.5" in line
-    line = one_line_error(run("finetune", "recipes/digits.yaml", "--sigma", "0"))
-    assert "finetune.sigma: expected one or more numbers > 0" in line
+    line = one_line_error(run("finetune", "recipes/digits.yaml", "--sigma", "-0.5"))
+    assert "finetune.sigma: expected one or more numbers >= 0" in line  # 0: a clean classifier
+    line = one_line_error(run("certify", "recipes/digits.yaml", "--sigma", "0"))
+    assert "certify.sigma: expected one or more numbers > 0" in line
 
 
 def test_set_values_stay_yaml() -> None:

@@ -9,6 +9,8 @@ from dmae_cli.cli.options import recipe_options
 from dmae_cli.config.recipe import load_recipe
 from dmae_cli.runtime import ui
 
+CLEAN = "clean classifier (trained without noise: not a smoothing model)"
+
 
 @app.command()
 @user_errors
@@ -25,6 +27,7 @@ def finetune(
     test accuracy every finetune.eval_every epochs. Each sigma writes
     runs/<name>/finetune/sigma-<s>/ (config.yaml, metrics.jsonl, last.pth, best.pth by noisy
     accuracy; with --out DIR, DIR/sigma-<s>/) and resumes automatically when run again.
+    --sigma 0 trains a clean classifier, without noise, to certify behind a denoiser.
 
     Examples:
 
@@ -35,17 +38,25 @@ def finetune(
       dmae finetune recipes/vitb.yaml --linear-probe
 
       dmae finetune recipes/digits.yaml --init none --set finetune.consistency=false
+
+      dmae finetune recipes/digits.yaml --sigma 0
     """
     from dmae_cli.training.finetune import run_finetune
 
     cfg = load_recipe(recipe, overrides or [], typed)
     for run in run_finetune(cfg, out=out):
         best = run.best
-        if best:
+        name = f"sigma {run.sigma}" + (f": {CLEAN}" if run.sigma == 0 else "")
+        if best and run.sigma == 0:
             ui.info(
-                f"sigma {run.sigma}: best noisy accuracy {best['acc_noisy']:.1%} "
+                f"{name}: best accuracy {best['acc_clean']:.1%} (epoch {best['epoch'] + 1}) "
+                f"-> {run.run_dir}/best.pth"
+            )
+        elif best:
+            ui.info(
+                f"{name}: best noisy accuracy {best['acc_noisy']:.1%} "
                 f"(clean {best['acc_clean']:.1%}, epoch {best['epoch'] + 1}) -> "
                 f"{run.run_dir}/best.pth"
             )
         else:
-            ui.info(f"sigma {run.sigma}: outputs in {run.run_dir}/")
+            ui.info(f"{name}: outputs in {run.run_dir}/")

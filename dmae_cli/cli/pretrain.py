@@ -34,13 +34,16 @@ def pretrain(
 
     Gaussian noise is added to each image (pretrain.sigma) and most of its patches are masked
     (pretrain.mask_ratio); the ViT encoder sees the rest, and a light decoder reconstructs
-    the clean image from its output. Resumes automatically when the run directory holds a
-    checkpoint. Writes config.yaml, metrics.jsonl, last.pth, checkpoint-NNNN.pth and
-    reconstructions.png.
+    the clean image from its output. pretrain.sigma may be a list: each image then draws one
+    of its levels, so one model denoises for several certification sigmas (dmae certify
+    --denoiser). Resumes automatically when the run directory holds a checkpoint. Writes
+    config.yaml, metrics.jsonl, last.pth, checkpoint-NNNN.pth and reconstructions.png.
 
     Examples:
 
       dmae pretrain recipes/digits.yaml
+
+      dmae pretrain recipes/digits.yaml --set "pretrain.sigma=[0.25, 0.5, 1.0]"
 
       dmae pretrain recipes/vitl.yaml --set data.root=/data/imagenet --set pretrain.epochs=1600
     """

@@ -24,12 +24,14 @@ MAX_SEED = 2**63 - 1  # torch generators take up to 2**64 - 1: room for seed + r
 # noise. The bound also keeps every certified radius, sigma * Phi^-1(pA) with Phi^-1 of a float
 # pA < 1 below 8.3 (float64), finite: at most 83 pixels.
 MAX_SIGMA = 10.0
+MAX_NOISE_LEVELS = 64  # levels of one DMAE (pretrain.sigma), as a model description allows
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
 
 
 # -- constraints ----------------------------------------------------------------------------
-def _check(test: Check, expected: str) -> dict[str, Any]:
+def _check(test: Check, expected: str | Callable[[Any], str]) -> dict[str, Any]:
+    """`expected` says what the test wants; a function of the value when that depends on it."""
     return {"check": test, "expected": expected}
 
 
@@ -83,11 +85,29 @@ def seed_range() -> dict[str, Any]:
     return _check(lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to 2**63 - 1 ({MAX_SEED})")
 
 
-def noise_level() -> dict[str, Any]:
-    return _check(lambda v: 0 < v <= MAX_SIGMA, f"a number > 0 and <= {MAX_SIGMA:g}")
+def noise_level_or_levels() -> dict[str, Any]:
+    """One noise level, or a list of distinct ones (pretrain.sigma: each image draws one)."""
+
+    def test(v: Any) -> bool:
+        levels = v if isinstance(v, tuple) else (v,)
+        in_range = all(0 < x <= MAX_SIGMA for x in levels)
+        return in_range and 0 < len(set(levels)) == len(levels) <= MAX_NOISE_LEVELS
+
+    def expected(v: Any) -> str:
+        if not isinstance(v, tuple):
+            return f"a number > 0 and <= {MAX_SIGMA:g}"
+        return f"a list of 1 to {MAX_NOISE_LEVELS} distinct numbers > 0 and <= {MAX_SIGMA:g}"
+
+    return _check(test, expected)
 
 
-def noise_levels() -> dict[str, Any]:
+def noise_levels(clean: bool = False) -> dict[str, Any]:
+    """One or more noise levels; `clean` also allows 0, a model trained without noise."""
+    if clean:
+        return _check(
+            lambda v: len(v) > 0 and all(0 <= x <= MAX_SIGMA for x in v),
+            f"one or more numbers >= 0 and <= {MAX_SIGMA:g} (0: no noise, a clean classifier)",
+        )
     return _check(
         lambda v: len(v) > 0 and all(0 < x <= MAX_SIGMA for x in v),
         f"one or more numbers > 0 and <= {MAX_SIGMA:g}",

@@ -137,7 +137,9 @@ def _checked(
     meta = spec.metadata
     if "check" in meta and not meta["check"](value):
         got = "null" if value is None else show(value)
-        raise RecipeError(f"{source}: {key_path}: expected {meta['expected']}, got {got}")
+        expected = meta["expected"]
+        expected = expected(value) if callable(expected) else expected
+        raise RecipeError(f"{source}: {key_path}: expected {expected}, got {got}")
     if type(value) is int and not -INT64 <= value < INT64:  # an int field or one typed Any
         raise RecipeError(
             f"{source}: {key_path}: expected an integer below 2**63 in size, got {show(value)}"
@@ -159,6 +161,9 @@ def _convert(tp: Any, value: Any, source: str, path: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # a number or a list of numbers (pretrain.sigma): the value says
+            listed = isinstance(value, list | tuple)
+            inner = [a for a in inner if (typing.get_origin(a) is tuple) == listed] or inner
         return _convert(inner[0], value, source, path)
     if origin is Literal:
         if value not in args:

@@ -20,7 +20,7 @@ from dmae_cli.config.fields import (
     device_name,
     flag,
     half_open,
-    noise_level,
+    noise_level_or_levels,
     noise_levels,
     non_negative,
     number_or_word,
@@ -102,7 +102,10 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig(OptimConfig):
-    sigma: float = field(default=0.25, metadata=noise_level())
+    # One noise level (the paper's 0.25) or a list of them, e.g. [0.25, 0.5, 1.0]: each image
+    # then draws one level uniformly at random, so one DMAE learns to remove all of them and
+    # serves as the denoiser of every certification sigma among them.
+    sigma: float | tuple[float, ...] = field(default=0.25, metadata=noise_level_or_levels())
     mask_ratio: float = field(default=0.75, metadata=half_open(0.0, 1.0))
     norm_pix_loss: bool = True
     decoder_embed_dim: int = field(default=512, metadata=positive())
@@ -110,6 +113,11 @@ class PretrainConfig(OptimConfig):
     decoder_num_heads: int = field(default=16, metadata=positive())
     init: str | None = None  # a DMAE/MAE checkpoint to continue from (e.g. CIFAR-10 after ImageNet)
     reconstructions: int = field(default=8, metadata=non_negative())  # rows in reconstructions.png
+
+    @property
+    def sigmas(self) -> tuple[float, ...]:
+        """The noise levels, one or more: `sigma` as a tuple."""
+        return self.sigma if isinstance(self.sigma, tuple) else (self.sigma,)
 
     def mismatch(self) -> Mismatch | None:
         return _divides(
@@ -137,7 +145,12 @@ class ProbeConfig(OptimConfig):
 class FinetuneConfig(OptimConfig):
     sigma: tuple[float, ...] = field(
         default=(0.25,),
-        metadata=noise_levels() | flag("Noise level to train a model for; repeatable.", "--sigma"),
+        metadata=noise_levels(clean=True)
+        | flag(
+            "Noise level to train a model for; repeatable. 0 trains a clean classifier (no "
+            "noise), e.g. for a denoiser in front of it.",
+            "--sigma",
+        ),
     )
     blr: float = field(default=5e-4, metadata=positive())
     min_lr: float = field(default=1e-6, metadata=non_negative())

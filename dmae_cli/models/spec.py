@@ -18,6 +18,7 @@ from typing import Any, TypeGuard
 
 from dmae_cli import __version__
 from dmae_cli.api import DatasetInfo
+from dmae_cli.config.fields import MAX_NOISE_LEVELS
 from dmae_cli.config.recipe import Recipe
 from dmae_cli.models.normalise import init_file, model_statistics
 from dmae_cli.runtime.errors import UserError
@@ -95,9 +96,8 @@ class ModelSpec:
         """The DMAE that `recipe` pre-trains on data described by `info`."""
         p = recipe.pretrain
         decoder = DecoderSpec(p.decoder_embed_dim, p.decoder_depth, p.decoder_num_heads)
-        return cls._from_recipe(
-            recipe, info, stage="pretrain", decoder=decoder, norm_pix_loss=p.norm_pix_loss
-        )
+        trained = {"decoder": decoder, "norm_pix_loss": p.norm_pix_loss, "noise_levels": p.sigmas}
+        return cls._from_recipe(recipe, info, stage="pretrain", **trained)
 
     @classmethod
     def for_finetune(
@@ -290,8 +290,8 @@ def _sigma(value: object, _: dict[str, Any], f: _Field) -> float:
 
 
 def _noise_levels(value: object, _: dict[str, Any], f: _Field) -> tuple[float, ...]:
-    if not isinstance(value, list) or not 0 < len(value) <= 64:
-        raise f.fail("a list of 1 to 64 finite numbers >= 0")
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_NOISE_LEVELS:
+        raise f.fail(f"a list of 1 to {MAX_NOISE_LEVELS} finite numbers >= 0")
     return tuple(_sigma(v, _, f) for v in value)
 
 

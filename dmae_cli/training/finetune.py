@@ -6,9 +6,11 @@ from the recipe's pretraining run or another checkpoint (`weights.load_encoder`)
 Gaussian noise added in [0, 1] pixel space and consistency regularisation, and evaluates clean
 and noisy accuracy on the test split. Each sigma writes `runs/<name>/finetune/sigma-<s>/`:
 config.yaml, metrics.jsonl, last.pth (+ checkpoint-NNNN.pth) and best.pth (by noisy accuracy);
-a rerun resumes. `--linear-probe` trains a BatchNorm + linear head on the frozen encoder's cls
-token with LARS, as MAE does, into `runs/<name>/linprobe/sigma-<s>/`. The method, with its
-published settings: docs/method.md, "Fine-tuning: the base classifier".
+a rerun resumes. A sigma of 0 trains a clean classifier (one noise-free copy per image, clean
+accuracy), for a denoiser to stand in front of. `--linear-probe` trains a BatchNorm + linear
+head on the frozen encoder's cls token with LARS, as MAE does, into
+`runs/<name>/linprobe/sigma-<s>/`. The method, with its published settings: docs/method.md,
+"Fine-tuning: the base classifier".
 
 The objective is in `training.objective`, the parameter groups (layer decay, the probe) in
 `training.param_groups`, timm's augmentation in `training.augment`; this module builds the
@@ -37,7 +39,7 @@ from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.lock import run_lock
 from dmae_cli.runtime.precision import autocast_dtype
 from dmae_cli.training.augment import apply_timm_augmentation, warn_probe_ignores
-from dmae_cli.training.objective import build_objective
+from dmae_cli.training.objective import build_objective, warn_clean_ignores
 from dmae_cli.training.param_groups import optimisation, prepare_probe
 from dmae_cli.training.trainer import EvalFn, Trainer
 
@@ -58,9 +60,11 @@ def evaluate(
     """Clean accuracy and accuracy under N(0, sigma^2) pixel noise (`copies` draws per image).
 
     The noise comes from a generator seeded with `seed` at every call, so every evaluation of
-    a run sees the same noise and the numbers are comparable across epochs.
+    a run sees the same noise and the numbers are comparable across epochs. At sigma 0 the
+    noisy accuracy is the clean one, and no copy is drawn.
     """
     device = next(model.parameters()).device
+    copies = copies if sigma > 0 else 0
     generator = torch.Generator(device=device).manual_seed(seed)
     correct = torch.zeros(2, dtype=torch.float64, device=device)  # clean, noisy
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -71,7 +75,7 @@ def evaluate(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             hits = model(batch).argmax(-1) == labels.repeat(copies + 1)
         correct[0] += hits[: len(labels)].sum()
-        correct[1] += hits[len(labels) :].sum() / copies
+        correct[1] += hits[len(labels) :].sum() / copies if copies else hits.sum()
         total += len(labels)
     if distributed.is_distributed():
         stats = torch.cat([correct, total.view(1)])
@@ -273,6 +277,7 @@ def _prepare(recipe: Recipe, run_dirs: dict[float, Path]) -> tuple[Path | None, 
     fresh = any(not (d / "last.pth").is_file() for d in run_dirs.values())
     init = resolve_init(recipe) if fresh else None
     warn_probe_ignores(cfg)
+    warn_clean_ignores(cfg)
     train_set = load_dataset(recipe, "train", augment=True)
     if not cfg.linear_probe:
         apply_timm_augmentation(train_set, cfg, train_set.info)

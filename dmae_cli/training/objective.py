@@ -4,12 +4,14 @@ Each image is repeated `num_noise` times, each copy with independent N(0, sigma^
 [0, 1] pixel space; the loss is the copies' cross-entropy plus Jeong & Shin's (2020) consistency
 term, lbd * mean_i KL(avg || p_i) + eta * H(avg), with `p_i` the softmax of copy i and `avg`
 their mean (docs/method.md, "Fine-tuning: the base classifier"). `consistency: false` leaves
-plain Gaussian augmentation.
+plain Gaussian augmentation. At sigma 0 the objective is plain cross-entropy on the clean
+images: a clean classifier, for a denoiser to stand in front of (`dmae certify --denoiser`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from dmae_cli.config.recipe import FinetuneConfig
 from dmae_cli.runtime.errors import UserError
+from dmae_cli.training.augment import ConfigIgnoredWarning
 
 # The published (lbd, eta) for the published sigmas; other sigmas use the rule of the nearest
 # one (below 0.75 the sigma <= 0.5 rule, from 0.75 up the sigma = 1.0 rule).
@@ -51,8 +54,11 @@ def consistency_loss(logits: torch.Tensor, lbd: float, eta: float) -> torch.Tens
 
 def noisy_copies(images: torch.Tensor, copies: int, sigma: float) -> torch.Tensor:
     """(B, C, H, W) pixels -> (copies * B, C, H, W), copy-major, each with fresh N(0, sigma^2)
-    noise in [0, 1] pixel space at the images' own resolution (before the model's adapter)."""
+    noise in [0, 1] pixel space at the images' own resolution (before the model's adapter).
+    At sigma 0 the images themselves: no noise is drawn."""
     repeated = images.repeat(copies, 1, 1, 1)
+    if sigma == 0:
+        return repeated
     return repeated + sigma * torch.randn_like(repeated)
 
 
@@ -85,8 +91,30 @@ class Objective:
         return loss
 
 
+def warn_clean_ignores(cfg: FinetuneConfig) -> None:
+    """Warn about the noise settings a clean classifier (sigma 0 among the sigmas) ignores."""
+    if 0 not in cfg.sigma:
+        return
+    unused = {
+        "consistency": cfg.consistency,
+        "num_noise": cfg.num_noise > 1,
+        "lbd": cfg.lbd is not None,
+        "eta": cfg.eta is not None,
+        "eval_noise_copies": cfg.eval_noise_copies > 1,
+    }
+    named = [f"finetune.{k}" for k, v in unused.items() if v]
+    if named:
+        warnings.warn(
+            f"{', '.join(named)} ignored at sigma 0: a clean classifier trains on one "
+            f"noise-free copy of each image, with nothing for consistency to compare",
+            ConfigIgnoredWarning,
+            stacklevel=2,
+        )
+
+
 def build_objective(cfg: FinetuneConfig, sigma: float, num_classes: int) -> Objective:
-    """The recipe's objective at `sigma`; a linear probe keeps only noise and consistency."""
+    """The recipe's objective at `sigma`; a linear probe keeps only noise and consistency.
+    At sigma 0 (a clean classifier) one copy of each image, without noise or consistency."""
     default_lbd, default_eta = consistency_defaults(sigma)
     mixup = None
     if not cfg.linear_probe and (cfg.mixup > 0 or cfg.cutmix > 0):
@@ -100,8 +128,8 @@ def build_objective(cfg: FinetuneConfig, sigma: float, num_classes: int) -> Obje
         )
     return Objective(
         sigma=sigma,
-        num_noise=cfg.num_noise,
-        consistency=cfg.consistency,
+        num_noise=cfg.num_noise if sigma > 0 else 1,
+        consistency=cfg.consistency and sigma > 0,
         lbd=cfg.lbd if cfg.lbd is not None else default_lbd,
         eta=cfg.eta if cfg.eta is not None else default_eta,
         label_smoothing=0.0 if cfg.linear_probe else cfg.label_smoothing,

@@ -70,23 +70,28 @@ def _skipped(path: Path, exc: Exception) -> None:
 def write_reconstructions(
     recipe: Recipe, test_set: Any, model: DMAE, path: Path, device: torch.device
 ) -> Path:
-    """clean / noisy + masked input / reconstruction for a few test images, as one PNG."""
+    """clean / noisy + masked input / reconstruction for a few test images, as one PNG.
+
+    With several noise levels (`pretrain.sigma` a list) the columns take them in turn, each
+    titled with its sigma, so the picture shows the model removing every level.
+    """
     count = recipe.pretrain.reconstructions
     # Iterate rather than index: a sharded (iterable) data set has no random access.
     images = torch.stack([image for image, _ in itertools.islice(iter(test_set), count)]).to(device)
     generator = torch.Generator(device=device).manual_seed(recipe.seed)
     noise = torch.randn(images.shape, generator=generator, device=device)
+    levels = recipe.pretrain.sigmas
+    columns = [levels[i % len(levels)] for i in range(len(images))]
+    scale = torch.tensor(columns, device=device).view(-1, 1, 1, 1)
+    noisy = images + (levels[0] if len(levels) == 1 else scale) * noise
     model.eval()
     with torch.no_grad():
         latent, mask, ids_restore = model.forward_encoder(
-            model.adapter(images + recipe.pretrain.sigma * noise),
-            recipe.pretrain.mask_ratio,
-            generator,
+            model.adapter(noisy), recipe.pretrain.mask_ratio, generator
         )
         pred = model.forward_decoder(latent, ids_restore).float()
-    return reconstruction_grid(
-        model, images, images + recipe.pretrain.sigma * noise, mask, pred, path
-    )
+    titles = [f"σ={s:g}" for s in columns] if len(levels) > 1 else None
+    return reconstruction_grid(model, images, noisy, mask, pred, path, titles)
 
 
 def _to_display(model: DMAE, pixels_or_normalised: torch.Tensor, normalised: bool) -> torch.Tensor:
@@ -101,8 +106,10 @@ def reconstruction_grid(
     mask: torch.Tensor,
     pred: torch.Tensor,
     path: Path,
+    titles: list[str] | None = None,
 ) -> Path:
-    """Three rows: clean input, the noisy image with masked patches greyed out, reconstruction.
+    """Three rows: clean input, the noisy image with masked patches greyed out, reconstruction;
+    `titles` above the columns (the noise level of each, when they differ).
 
     With `norm_pix_loss` the model predicts per-patch standardised pixels; they are shown with
     the clean patch's mean and variance put back, as MAE's visualisation does.
@@ -143,6 +150,8 @@ def reconstruction_grid(
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(label, fontsize=9)
+    for ax, title in zip(axes[0], titles or [], strict=False):
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)

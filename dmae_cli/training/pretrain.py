@@ -1,5 +1,9 @@
 """The DMAE pre-training stage: noisy, masked images in; clean images reconstructed.
 
+`pretrain.sigma` is one noise level or a list of them; with a list each image draws one of the
+levels uniformly at random, so the DMAE learns to remove every one of them and can serve as
+the denoiser of several certification sigmas (`dmae certify --denoiser`).
+
 `run_pretrain(recipe)` is what `dmae pretrain` calls: it builds the data set and the model from
 the registries, trains with the shared `Trainer`, and writes into the run directory the resolved
 `config.yaml`, `metrics.jsonl`, `last.pth` + `checkpoint-NNNN.pth` and `reconstructions.png`.
@@ -31,13 +35,25 @@ from dmae_cli.training.pictures import Pictures, write_reconstructions
 from dmae_cli.training.trainer import Trainer
 
 
-def add_noise(images: torch.Tensor, sigma: float) -> torch.Tensor:
+def add_noise(images: torch.Tensor, sigma: float | tuple[float, ...]) -> torch.Tensor:
     """Gaussian noise in [0, 1] pixel space at the images' own resolution (no clamping, as the
-    paper: the smoothing distribution is exactly N(x, sigma^2 I))."""
-    return images + sigma * torch.randn_like(images)
+    paper: the smoothing distribution is exactly N(x, sigma^2 I)).
+
+    `sigma` is one level or several (`pretrain.sigma: [0.25, 0.5, 1.0]`): with several, each
+    image draws its level uniformly at random, before its noise. One level draws the noise
+    alone, as a single sigma always has.
+    """
+    levels = sigma if isinstance(sigma, tuple) else (sigma,)
+    if len(levels) == 1:
+        return images + levels[0] * torch.randn_like(images)
+    table = torch.tensor(levels, dtype=images.dtype, device=images.device)
+    picked = table[torch.randint(len(levels), images.shape[:1], device=images.device)]
+    return images + picked.view(-1, *[1] * (images.dim() - 1)) * torch.randn_like(images)
 
 
-def dmae_loss(model: nn.Module, batch: Any, *, sigma: float, mask_ratio: float) -> torch.Tensor:
+def dmae_loss(
+    model: nn.Module, batch: Any, *, sigma: float | tuple[float, ...], mask_ratio: float
+) -> torch.Tensor:
     """One DMAE objective evaluation: noise before the model's resize/normalise, clean target."""
     images = batch[0]
     loss, _, _ = model(add_noise(images, sigma), images, mask_ratio)
