@@ -36,6 +36,7 @@ from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.precision import autocast_dtype
+from dmae_cli.smoothing.denoising import NO_DENOISER, LoadedDenoiser, sigma_notes
 from dmae_cli.smoothing.drive import drive
 from dmae_cli.smoothing.found import model_path
 from dmae_cli.smoothing.runfile import COLUMNS, FORMAT, Row
@@ -168,8 +169,11 @@ def make_header(
     certifier: Certifier | CertifierV1,
     sampler: Sampler,
     info: DatasetInfo,
+    spec: ModelSpec | None = None,
+    denoiser: LoadedDenoiser | None = None,
 ) -> dict[str, Any]:
-    """What the rows of one TSV depend on, written next to it as sigma-<s>.json."""
+    """What the rows of one TSV depend on, written next to it as sigma-<s>.json; `spec` is
+    the classifier's, `denoiser` the one in front of it."""
     import numpy
     import scipy
     import timm
@@ -191,6 +195,8 @@ def make_header(
         "skip_wrong": cfg.skip_wrong,
         "checkpoint": str(model),
         "checkpoint_sha256": checkpoint.file_sha256(model),
+        "classifier_sigma": None if spec is None else spec.sigma,
+        **(NO_DENOISER if denoiser is None else denoiser.header()),
         "dataset": recipe.data.dataset,
         "split": cfg.split,
         "data_fingerprint": info.fingerprint,
@@ -213,8 +219,11 @@ def make_header(
 
 
 def certify_dir(recipe: Recipe, out: Path | None) -> Path:
-    """Where the run files go: `--out`, else runs/<name>/certify/."""
-    return Path(out) if out is not None else recipe.stage_dir("certify")
+    """Where the run files go: `--out`, else runs/<name>/certify/, or with a denoiser
+    runs/<name>/certify-denoised/ (never mixed with the classifier's own results)."""
+    if out is not None:
+        return Path(out)
+    return recipe.stage_dir("certify-denoised" if recipe.certify.denoiser else "certify")
 
 
 def prepare(
@@ -236,17 +245,25 @@ def prepare(
     out_dir = certify_dir(recipe, out)
     paths = {sigma: model_path(recipe, sigma) for sigma in cfg.sigma}  # all found, or none run
     states = dict(loaded or {})
+    denoiser = None
+    if cfg.denoiser:  # one for every sigma
+        denoiser = LoadedDenoiser.load(
+            Path(cfg.denoiser), dataset.info, recipe.data.dataset, device
+        )
 
     def jobs() -> Iterator[Job]:
         for sigma, path in paths.items():
             state = states.pop(path.resolve(), None)  # handed over once, then freed
             model, spec = load_model(path, dataset.info, recipe.data.dataset, device, state)
-            if spec.sigma not in (None, sigma):
-                ui.info(f"note: {path} was fine-tuned at sigma {spec.sigma}, certifying at {sigma}")
+            if denoiser is not None:
+                model = denoiser.before(model, spec, path)
+            sigma_notes(path, spec, sigma, denoiser)
             sampler = build_sampler(recipe, model, sigma, dataset.info, device)
             if sampler.compiled:
                 compile_up_front(sampler, dataset[indices[0]][0])
-            header = make_header(recipe, sigma, path, certifier, sampler, dataset.info)
+            header = make_header(
+                recipe, sigma, path, certifier, sampler, dataset.info, spec, denoiser
+            )
             yield Job(recipe, sigma, sampler, certifier, dataset, header)
 
     return indices, out_dir, jobs()

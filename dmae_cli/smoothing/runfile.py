@@ -11,9 +11,11 @@ runs/<name>/certify/); this module is the only one that knows their layout:
                    `extra` entries as one JSON object (`{}` when none)
   sigma-<s>.json   the header beside it (`header_path`): what the rows depend on, the
                    `MATCHING` keys (format, sigma, n0, n, alpha, seed, certifier and its
-                   options, radii, skip_wrong, checkpoint sha256, data set and fingerprint),
-                   and what is only recorded (the device, precision, batch size and
-                   parallelism as resolved, package versions, the creation time)
+                   options, radii, skip_wrong, checkpoint sha256, the denoiser's sha256 or
+                   null, data set and fingerprint), and what is only recorded (the
+                   classifier's training sigma, the denoiser's path and the classifier it was
+                   tuned for, the device, precision, batch size and parallelism as resolved,
+                   package versions, the creation time)
 
 Written so that an interruption loses at most the examples in progress and a rerun resumes
 where it stopped: rows are appended whole (`RowFile`), a torn last line left by a crash is cut
@@ -57,10 +59,11 @@ HEADER_LINE = "\t".join(COLUMNS) + "\n"
 # Header keys that change what a row means; a resumed file must agree on all of them. The
 # device changes which noise is drawn (another generator) and precision the arithmetic, not
 # the validity of a row; the batch size changes neither the noise nor the row (see
-# `NoiseStream`); the split is named by its fingerprint ("val" and "test" are one split).
+# `NoiseStream`); the split is named by its fingerprint ("val" and "test" are one split). A
+# header written before denoisers has no `denoiser_sha256`: it reads as null, no denoiser.
 MATCHING = (
     "format", "sigma", "n0", "n", "alpha", "seed", "certifier", "certifier_options",
-    "radii", "skip_wrong", "checkpoint_sha256", "dataset", "data_fingerprint",
+    "radii", "skip_wrong", "checkpoint_sha256", "denoiser_sha256", "dataset", "data_fingerprint",
 )  # fmt: skip
 
 TSV_GLOB = "sigma-*.tsv"  # the run files of a certify directory, one per sigma
@@ -238,12 +241,22 @@ def check_header(tsv: Path, header: dict[str, Any]) -> None:
     old = read_header(tsv)
     new = json.loads(json.dumps(header))  # compare as stored: tuples become lists
     for key in MATCHING:
-        if old.get(key) != new[key]:
-            raise UserError(
-                f"{tsv} holds results for {key}={old.get(key)!r}, this run has "
-                f"{header[key]!r}; delete {tsv.name} and {path.name} to start over, or write "
-                f"elsewhere with --out"
-            )
+        if old.get(key) == new[key]:
+            continue
+        restart = f"delete {tsv.name} and {path.name} to start over, or write elsewhere with --out"
+        if key == "denoiser_sha256":
+            was, now = _through(old.get(key)), _through(new[key])
+            raise UserError(f"{tsv} holds results certified {was}, this run is {now}; {restart}")
+        raise UserError(
+            f"{tsv} holds results for {key}={old.get(key)!r}, this run has {header[key]!r}; "
+            f"{restart}"
+        )
+
+
+def _through(denoiser_sha256: object) -> str:
+    if denoiser_sha256 is None:
+        return "without a denoiser"
+    return f"through the denoiser of sha256 {str(denoiser_sha256)[:12]}..."
 
 
 class RowFile:
