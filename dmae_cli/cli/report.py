@@ -18,7 +18,8 @@ def report(
         list[Path],
         typer.Argument(
             help="Run directories (runs/<name>: every certify/sigma-*.tsv), certify "
-            "directories, or per-example TSV files (ours or Cohen et al.'s format).",
+            "directories (runs/<name>/certify-denoised), or per-example TSV files (ours or "
+            "Cohen et al.'s format).",
             show_default=False,
         ),
     ],
@@ -80,15 +81,30 @@ def report(
     per run: the best over sigma at each radius (as the published tables). A
     malformed file stops with one line naming the file and the line.
 
+    Several runs side by side compare the ways of getting a certified
+    classifier, each run named by its kind (from its files' headers): a clean
+    classifier alone (not a smoothing model), a clean classifier + DMAE
+    denoiser (or + a denoiser tuned for it), and the paper's way (fine-tuned
+    with noise). At a sigma where the runs certified different examples, they
+    are compared on the examples they share, with a warning.
+
     Examples:
 
       dmae report runs/digits
+
+      dmae report runs/digits runs/digits-clean runs/digits/certify-*
 
       dmae report a.tsv b.tsv --radii 0:3:0.25 --format markdown,csv --plot c.png
 
       dmae report runs/vitb --compare imagenet --out reports/vitb
 
       dmae report noise_0.50.tsv --alpha 0.01
+
+    The second example compares the paper's way (runs/digits), a clean
+    classifier alone (runs/digits-clean, fine-tuned with finetune.sigma: 0) and
+    that classifier behind a DMAE denoiser, untuned and tuned
+    (runs/digits/certify-denoised and certify-tuned, written by 'dmae certify
+    --denoiser').
     """
     from dmae_cli.report.formats import parse_formats
     from dmae_cli.report.run import ReportOptions, parse_radii, run_report

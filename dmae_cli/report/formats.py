@@ -1,5 +1,12 @@
 """The report's formats: a `Report` as rich terminal tables, markdown, LaTeX, CSV or JSON,
-optionally beside the published rows of the DMAE paper (the comparison rows)."""
+optionally beside the published rows of the DMAE paper (the comparison rows).
+
+When a run was made another way than the paper's (`Report.shows_kinds`, `report.kinds`), every
+format names each run's kind, so that runs side by side read as a comparison of the ways: a
+column after the row's name in markdown and LaTeX, the table's title in the terminal, the name
+of our rows beside the published ones, and a `kind` column (CSV) or field (JSON) appended after
+those of before. Otherwise the output is what it was before kinds.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,9 @@ import json
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
+from dmae_cli.report.kinds import NOT_RECORDED, Kind
 from dmae_cli.report.published import PublishedTable
 from dmae_cli.report.tables import Point, Report, RunReport, Summary
 from dmae_cli.runtime.errors import UserError
@@ -26,19 +35,31 @@ def radius_label(radius: float) -> str:
     return f"{radius:g}"
 
 
-def series_rows(report: Report) -> list[tuple[str, Summary | None, list[str], list[str]]]:
-    """(name, summary or None for an envelope, accuracy cells, interval cells) per table row."""
+def kind_label(kind: Kind | None) -> str:
+    return NOT_RECORDED if kind is None else kind.label
+
+
+def kind_short(kind: Kind | None) -> str:
+    return NOT_RECORDED if kind is None else kind.short
+
+
+SeriesRow = tuple[str, Summary | None, list[str], list[str], str]
+
+
+def series_rows(report: Report) -> list[SeriesRow]:
+    """(name, summary or None for an envelope, accuracy cells, interval cells, kind) per table
+    row; the kind is the file's, or the run's for its envelope."""
     rows = []
     for run in report.runs:
         prefix = f"{run.run} " if len(report.runs) > 1 else ""
         for s in run.summaries:
             cells = [pct(p.accuracy) for p in s.points]
             ci = [f"[{pct(p.low)}, {pct(p.high)}]" for p in s.points]
-            rows.append((f"{prefix}σ={s.sigma:g}", s, cells, ci))
+            rows.append((f"{prefix}σ={s.sigma:g}", s, cells, ci, kind_label(s.results.kind)))
         if run.has_envelope:
             cells = [f"{pct(e.point.accuracy)} (σ={e.sigma:g})" for e in run.envelope]
             ci = [f"[{pct(e.point.low)}, {pct(e.point.high)}]" for e in run.envelope]
-            rows.append((f"{prefix}best over σ", None, cells, ci))
+            rows.append((f"{prefix}best over σ", None, cells, ci, kind_label(run.kind)))
     return rows
 
 
@@ -46,12 +67,15 @@ def headline_rows(report: Report) -> list[tuple[str, list[float]]]:
     """Our rows for a comparison: the envelope of each run (or its only sigma), in %."""
     rows = []
     for run in report.runs:
+        name = (
+            f"ours: {run.run}, {kind_short(run.kind)}" if report.shows_kinds else f"ours: {run.run}"
+        )
         if run.has_envelope:
             values = [100 * e.point.accuracy for e in run.envelope]
-            rows.append((f"ours: {run.run} (best over σ)", values))
+            rows.append((f"{name} (best over σ)", values))
         else:
             s = run.summaries[0]
-            rows.append((f"ours: {run.run} (σ={s.sigma:g})", [100 * p.accuracy for p in s.points]))
+            rows.append((f"{name} (σ={s.sigma:g})", [100 * p.accuracy for p in s.points]))
     return rows
 
 
@@ -75,15 +99,26 @@ def _summary_cells(s: Summary | None) -> list[str]:
 SUMMARY_HEADS = ["examples", "abstained %", "ACR", "clean %"]
 
 
+def _heads(report: Report) -> list[str]:
+    """The columns after the row's name: the kind when shown, then the summary."""
+    return (["kind"] if report.shows_kinds else []) + SUMMARY_HEADS
+
+
+def _kind_cells(report: Report, kind: str) -> list[str]:
+    return [kind] if report.shows_kinds else []
+
+
 def markdown(report: Report, compare: PublishedTable | None = None) -> str:
     radii = [f"r={radius_label(r)}" for r in report.radii]
+    heads = _heads(report)
     lines = [
-        "| | " + " | ".join(SUMMARY_HEADS + radii) + " |",
-        "|---" * (1 + len(SUMMARY_HEADS) + len(radii)) + "|",
+        "| | " + " | ".join(heads + radii) + " |",
+        "|---" * (1 + len(heads) + len(radii)) + "|",
     ]
-    for name, s, cells, ci in series_rows(report):
+    for name, s, cells, ci, kind in series_rows(report):
         values = [f"{c} {i}" for c, i in zip(cells, ci, strict=True)]
-        lines.append(f"| {name} | " + " | ".join(_summary_cells(s) + values) + " |")
+        row = _kind_cells(report, kind) + _summary_cells(s) + values
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
     lines += ["", _caption(report)]
     if compare is not None:
         lines += ["", f"**{compare.title}**", ""]
@@ -103,6 +138,11 @@ def _caption(report: Report) -> str:
     )
     if report.alpha is not None:
         text += f" Radii recomputed at alpha = {report.alpha:g}."
+    if report.shows_kinds:
+        text += (
+            " Kind: how the classifier was made; a clean classifier alone was trained without "
+            "noise and is not a smoothing model (a baseline)."
+        )
     return text
 
 
@@ -116,16 +156,18 @@ def _tex(text: str) -> str:
 
 def latex(report: Report, compare: PublishedTable | None = None) -> str:
     radii = [f"${radius_label(r)}$" for r in report.radii]
-    heads = ["", *(_tex(h) for h in SUMMARY_HEADS), *radii]
+    heads = ["", *(_tex(h) for h in _heads(report)), *radii]
+    left = "l" * (1 + len(_kind_cells(report, "")))  # the name, and the kind when shown
     lines = [
-        r"\begin{tabular}{l" + "r" * (len(heads) - 1) + "}",
+        r"\begin{tabular}{" + left + "r" * (len(heads) - len(left)) + "}",
         r"\toprule",
         " & ".join(heads) + r" \\",
         r"\midrule",
     ]
-    for name, s, cells, ci in series_rows(report):
+    for name, s, cells, ci, kind in series_rows(report):
         values = [f"{_tex(c)} {{\\scriptsize {i}}}" for c, i in zip(cells, ci, strict=True)]
-        lines.append(" & ".join([_tex(name), *_summary_cells(s), *values]) + r" \\")
+        kinds = [_tex(k) for k in _kind_cells(report, kind)]
+        lines.append(" & ".join([_tex(name), *kinds, *_summary_cells(s), *values]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", "% " + _caption(report)]
     if compare is not None:
         lines += ["", r"\begin{tabular}{ll" + "r" * len(radii) + "}", r"\toprule"]
@@ -155,17 +197,22 @@ CSV_FIELDS = [
 
 
 def csv_text(report: Report, compare: PublishedTable | None = None) -> str:
-    """Long format, one row per (series, radius); accuracies as fractions in [0, 1]."""
+    """Long format, one row per (series, radius); accuracies as fractions in [0, 1]. With
+    kinds shown, a last column `kind` (the file's; the run's for the envelope)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, CSV_FIELDS, lineterminator="\n")
+    kinds = report.shows_kinds
+    fields = [*CSV_FIELDS, "kind"] if kinds else CSV_FIELDS
+    writer = csv.DictWriter(buffer, fields, lineterminator="\n")
     writer.writeheader()
     for run in report.runs:
         for s in run.summaries:
             common = {"run": run.run, "series": "sigma", **_summary_fields(s)}
+            common |= {"kind": kind_label(s.results.kind)} if kinds else {}
             for p in s.points:
                 writer.writerow({**common, **_point_fields(p)})
         for e in run.envelope if run.has_envelope else ():
             fields = {"run": run.run, "series": "envelope", "sigma": e.sigma}
+            fields |= {"kind": kind_label(run.kind)} if kinds else {}
             writer.writerow({**fields, **_point_fields(e.point), "examples": e.point.total})
     for row in compare.rows if compare is not None else ():
         for r in report.radii:
@@ -205,7 +252,7 @@ def json_text(report: Report, compare: PublishedTable | None = None) -> str:
         "radii": list(report.radii),
         "ci_alpha": report.ci_alpha,
         "alpha": report.alpha,
-        "runs": [_run_json(run) for run in report.runs],
+        "runs": [_run_json(run, report.shows_kinds) for run in report.runs],
     }
     if compare is not None:
         data["compare"] = {
@@ -225,13 +272,21 @@ def json_text(report: Report, compare: PublishedTable | None = None) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def _run_json(run: RunReport) -> dict[str, Any]:
+def _run_json(run: RunReport, kinds: bool) -> dict[str, Any]:
+    """A run; with `kinds`, a last field `kind` for the run and for each file (null when not
+    recorded)."""
     files = [
         {**_summary_fields(s), "certified": [_point_fields(p) for p in s.points]}
+        | (_kind_json(s.results.kind) if kinds else {})
         for s in run.summaries
     ]
     best = [{**_point_fields(e.point), "sigma": e.sigma} for e in run.envelope]
-    return {"run": run.run, "files": files, "envelope": best if run.has_envelope else None}
+    data = {"run": run.run, "files": files, "envelope": best if run.has_envelope else None}
+    return data | (_kind_json(run.kind) if kinds else {})
+
+
+def _kind_json(kind: Kind | None) -> dict[str, Any]:
+    return {"kind": None if kind is None else kind.label}
 
 
 def rich_tables(report: Report, compare: PublishedTable | None = None) -> list[Table]:
@@ -255,10 +310,14 @@ def rich_tables(report: Report, compare: PublishedTable | None = None) -> list[T
 
 def _rich_run(report: Report, run: RunReport) -> Table:
     level = f"{100 * (1 - report.ci_alpha):g}%"
-    table = Table(
-        title=f"{run.run}: certified accuracy (%)",
-        caption=f"[dim]in brackets: {level} Clopper-Pearson interval[/]",
-    )
+    title: str | Text = f"{run.run}: certified accuracy (%)"
+    if report.shows_kinds:  # on one line, wider than the table where it must be
+        title = Text(
+            f"{run.run} ({kind_label(run.kind)}): certified accuracy (%)",
+            no_wrap=True,
+            overflow="ignore",
+        )
+    table = Table(title=title, caption=f"[dim]in brackets: {level} Clopper-Pearson interval[/]")
     table.add_column("radius", justify="right")
     for s in run.summaries:
         table.add_column(f"σ={s.sigma:g}", justify="right")

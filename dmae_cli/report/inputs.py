@@ -18,6 +18,7 @@ the JSON header beside each and its reading, and the columns they begin with, is
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dmae_cli.api import cohen_bound
+from dmae_cli.report.kinds import Kind, file_kind
 from dmae_cli.report.rows import Table, read_table, warn
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.smoothing.runfile import TSV_GLOB, header_path, read_header
@@ -42,21 +44,23 @@ def find_inputs(paths: Sequence[Path]) -> list[tuple[Path, str]]:
 
     A directory is a run directory (its `certify/sigma-*.tsv`, runfile's `TSV_GLOB`) or a
     certify directory (its own `sigma-*.tsv`); its files form one run named after it. Files
-    given one by one form one run together, named after their common directory (the run's, for
-    runs/<name>/certify/).
+    given one by one form one run together, named after their common directory. A run's
+    certify/ is named after the run, another certify directory in it (certify-denoised/) after
+    both ("digits/certify-denoised"); two directories of one name are told apart by their paths.
     """
-    found: list[tuple[Path, str]] = []
+    found: list[tuple[Path, Path | None]] = []  # each file, and the directory naming its run
     loose = [Path(p) for p in paths if not Path(p).is_dir()]
     for path in map(Path, paths):
         if not path.exists():
             raise UserError(f"{path}: no such file or directory")
         if path.is_dir():
-            found += [(f, _run_name(path)) for f in _tsv_files_in(path)]
+            found += [(f, path.resolve()) for f in _tsv_files_in(path)]
     if loose:
         parents = {p.resolve().parent for p in loose}
-        name = _run_name(parents.pop()) if len(parents) == 1 else "files"
-        found += [(p, name or "files") for p in loose]
-    return found
+        common = parents.pop() if len(parents) == 1 else None
+        found += [(p, common) for p in loose]
+    names = _run_names({d for _, d in found if d is not None})
+    return [(f, names[d] if d is not None else "files") for f, d in found]
 
 
 def _tsv_files_in(directory: Path) -> list[Path]:
@@ -70,9 +74,22 @@ def _tsv_files_in(directory: Path) -> list[Path]:
     )
 
 
+def _run_names(directories: set[Path]) -> dict[Path, str]:
+    """A name for each (resolved) directory; names that would collide are the paths instead."""
+    names = {d: _run_name(d) or "files" for d in directories}
+    taken = list(names.values())
+    for directory, name in names.items():
+        if taken.count(name) > 1:
+            names[directory] = os.path.relpath(directory)
+    return names
+
+
 def _run_name(directory: Path) -> str:
-    directory = directory.resolve()
-    return directory.parent.name if directory.name == "certify" else directory.name
+    if directory.name == "certify":
+        return directory.parent.name
+    if directory.name.startswith("certify"):  # certify-denoised/ beside the run's certify/
+        return f"{directory.parent.name}/{directory.name}"
+    return directory.name
 
 
 @dataclass(frozen=True)
@@ -88,9 +105,28 @@ class CertResults:
     correct: np.ndarray  # bool
     table: Table | None = None  # every column read, and the file line of every row
     header: dict[str, Any] = field(default_factory=dict)  # the JSON header, if any
+    kind: Kind | None = None  # how the classifier was made, when the header says
 
     def __len__(self) -> int:
         return len(self.label)
+
+    def indices(self) -> np.ndarray | None:
+        """The integer indices of the examples, None when the file does not name them all."""
+        table = self.table
+        if table is None or "idx" not in table.numbers or table.text_idx:
+            return None
+        return table.numbers["idx"]
+
+    def only(self, keep: np.ndarray) -> CertResults:
+        """The results of the examples where `keep` (bool, one per row) is true."""
+        return replace(
+            self,
+            label=self.label[keep],
+            predict=self.predict[keep],
+            radius=self.radius[keep],
+            correct=self.correct[keep],
+            table=None if self.table is None else self.table.only(keep),
+        )
 
 
 def read_results(path: Path, run: str = "", sigma: float | None = None) -> CertResults:
@@ -113,6 +149,7 @@ def read_results(path: Path, run: str = "", sigma: float | None = None) -> CertR
         correct=table.numbers["correct"] & (predict != ABSTAIN),
         table=table,
         header=header,
+        kind=file_kind(header, header_path(path)),
     )
 
 

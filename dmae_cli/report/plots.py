@@ -1,5 +1,6 @@
 """Certified-accuracy curves: certified accuracy against L2 radius, one line per sigma plus the
-envelope over sigma, as in Cohen et al. and the DMAE paper's figures."""
+envelope over sigma, as in Cohen et al. and the DMAE paper's figures; each line names its
+run's kind (`report.kinds`) when the report shows kinds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dmae_cli.report.inputs import CertResults
-from dmae_cli.report.tables import Report
+from dmae_cli.report.kinds import NOT_RECORDED
+from dmae_cli.report.tables import Report, RunReport
 from dmae_cli.runtime.checkpoint import atomic_write
 from dmae_cli.runtime.errors import UserError
 
@@ -45,7 +47,7 @@ def curves_figure(report: Report) -> Figure:
     many = len(report.runs) > 1
     colour = 0
     for run in report.runs:
-        prefix = f"{run.run} " if many else ""
+        prefix = _prefix(report, run) if many else ""
         curves = []
         for s in run.summaries:
             curve = 100 * accuracy_curve(s.results, grid)
@@ -57,12 +59,20 @@ def curves_figure(report: Report) -> Figure:
             ax.plot(grid, best, color="black", ls="--", lw=1.2, label=f"{prefix}best over σ")
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (%)")
-    ax.set_title("Certified accuracy" + ("" if many else f": {report.runs[0].run}"))
+    title = "" if many else f": {_prefix(report, report.runs[0]).rstrip()}"
+    ax.set_title(f"Certified accuracy{title}")
     ax.set_xlim(0, grid[-1])
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     return fig
+
+
+def _prefix(report: Report, run: RunReport) -> str:
+    """The run's name in a label, and its kind when the report shows kinds."""
+    if not report.shows_kinds:
+        return f"{run.run} "
+    return f"{run.run} ({NOT_RECORDED if run.kind is None else run.kind.short}) "
 
 
 def save_curves(report: Report, path: Path) -> list[Path]:

@@ -25,7 +25,7 @@ import math
 import warnings
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +92,19 @@ class Table:
     matches: dict[str, np.ndarray]  # MATCH columns: bool, the rows of the value matched
     lines: np.ndarray  # int64
     invalid: dict[str, str]  # a LAZY column's first bad value, as the error to raise
+    text_idx: bool = False  # some idx are text: `numbers["idx"]` does not name every example
 
     def __len__(self) -> int:
         return len(self.lines)
+
+    def only(self, keep: np.ndarray) -> Table:
+        """The rows where `keep` (bool, one per row) is true."""
+        return replace(
+            self,
+            numbers={name: values[keep] for name, values in self.numbers.items()},
+            matches={name: values[keep] for name, values in self.matches.items()},
+            lines=self.lines[keep],
+        )
 
     def numbers_of(self, name: str) -> np.ndarray:
         """A LAZY column, or the error of its first value that is not an integer."""
@@ -226,7 +236,7 @@ class _Columns:
             idx = np.frombuffer(self.idx, dtype=np.int64)
             _check_unique(self.path, idx, lines, self.text_rows)
             numbers["idx"] = idx
-        return Table(tuple(self.names), numbers, matches, lines, self.invalid)
+        return Table(tuple(self.names), numbers, matches, lines, self.invalid, bool(self.text_rows))
 
 
 _DTYPES = {"q": np.int64, "d": np.float64, "b": np.bool_}

@@ -11,7 +11,9 @@ Per file (the definitions of docs/method.md, "Certification"):
 - optionally the radii under another confidence level `alpha` (`report.inputs.with_alpha`).
 
 Files of one run are combined into the envelope: the best certified accuracy over sigma at each
-radius, the convention of the published tables.
+radius, the convention of the published tables. Each run has the kind of its files
+(`report.kinds`: how the classifier was made), and runs compared at one sigma are compared on
+the examples they all certified (`report.shared`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from dmae_cli.report.inputs import (
     warn,
     with_alpha,
 )
+from dmae_cli.report.kinds import Kind, run_kind
+from dmae_cli.report.shared import on_shared_examples
 from dmae_cli.runtime.errors import UserError
 
 
@@ -124,6 +128,7 @@ class RunReport:
     run: str
     summaries: tuple[Summary, ...]  # sorted by sigma
     envelope: tuple[EnvelopePoint, ...]
+    kind: Kind | None = None  # how its classifier was made, when its files say
 
     @property
     def has_envelope(self) -> bool:
@@ -136,6 +141,12 @@ class Report:
     ci_alpha: float
     alpha: float | None
     runs: tuple[RunReport, ...]
+
+    @property
+    def shows_kinds(self) -> bool:
+        """Whether the formats name each run's kind: when a run was made another way than
+        the paper's (fine-tuned with noise), the one way reports showed before kinds."""
+        return any(run.kind is not None and not run.kind.papers_way for run in self.runs)
 
 
 def build_report(
@@ -153,17 +164,18 @@ def build_report(
         raise UserError("--alpha and --ci-alpha must be in (0, 1)")
     if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
         raise UserError(f"--sigma {sigma}: expected a finite number > 0")
-    by_run: dict[str, list[Summary]] = {}
+    by_run: dict[str, list[CertResults]] = {}
     for path, run in find_inputs(paths):
         results = read_results(path, run, sigma)
         if alpha is not None:
             results = with_alpha(results, alpha)
-        by_run.setdefault(run, []).append(summarize(results, radii, ci_alpha))
+        by_run.setdefault(run, []).append(results)
     runs = []
-    for run, summaries in by_run.items():
-        summaries.sort(key=lambda s: s.sigma)
+    for run, files in on_shared_examples(by_run).items():
+        summaries = sorted((summarize(r, radii, ci_alpha) for r in files), key=lambda s: s.sigma)
         _check_comparable(run, summaries)
-        runs.append(RunReport(run, tuple(summaries), envelope(summaries)))
+        kind = run_kind(run, [s.results.kind for s in summaries])
+        runs.append(RunReport(run, tuple(summaries), envelope(summaries), kind))
     return Report(tuple(radii), ci_alpha, alpha, tuple(runs))
 
 
