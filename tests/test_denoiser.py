@@ -177,7 +177,7 @@ def test_what_cannot_denoise_is_one_line(tmp_path: Path, case: str) -> None:
 def test_a_classifier_of_another_size_behind_the_denoiser_is_one_line(tmp_path: Path) -> None:
     path = save_dmae(tmp_path / "d.pth", 8, 16, dataset="tiny8")
     info = DatasetInfo(10, 8, 1, (0.3,), (0.4,))
-    denoiser = LoadedDenoiser.load(path, info, "tiny8", torch.device("cpu"))
+    denoiser = LoadedDenoiser.load(path, torch.device("cpu"), info, "tiny8")
     clf = save_classifier(tmp_path / "clf.pth", sigma=0.0)
     model, spec = load_classifier(clf)
     with pytest.raises(UserError, match=r"takes 1x16x16 images, but the denoiser .* 1x8x8"):

@@ -1,6 +1,6 @@
 """docs/api.md cannot drift: its ```python blocks run in order, as a reader would run them,
-in a folder holding the `best.pth` and `digit.png` they name (a tiny digits classifier and a
-digits test image)."""
+in a folder holding the `best.pth`, `last.pth` and `digit.png` they name (a tiny digits
+classifier, a tiny DMAE and a digits test image)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from PIL import Image
 from dmae_cli.config.recipe import load_recipe
 from dmae_cli.data.loading import load_dataset
 from tests.conftest import save_classifier
+from tests.test_denoiser import save_dmae
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -27,6 +28,7 @@ def test_every_python_block_runs_in_order(
     blocks = BLOCK.findall(DOCS.read_text())
     assert len(blocks) >= 6
     save_classifier(tmp_path / "best.pth")
+    save_dmae(tmp_path / "last.pth")  # a tiny DMAE as `dmae pretrain` writes one
     digit = load_dataset(load_recipe("recipes/digits.yaml"), "test", augment=False)[0][0]
     Image.fromarray((digit[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "digit.png")
     monkeypatch.chdir(tmp_path)

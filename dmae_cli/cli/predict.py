@@ -62,6 +62,16 @@ def predict(
         ),
     ],
     typed: dict[str, Any] | None = None,  # --n, --n0, --alpha, --certifier, --batch-size
+    denoiser: Annotated[
+        Path | None,
+        typer.Option(
+            "--denoiser",
+            help="A DMAE checkpoint (dmae pretrain's, or a tuned denoiser) in front of the "
+            "classifier: noise, then the denoiser, then the classifier (denoised smoothing).",
+            metavar="PATH",
+            show_default=False,
+        ),
+    ] = None,
     sigma: Annotated[
         float | None,
         typer.Option(
@@ -111,6 +121,11 @@ def predict(
       dmae predict photos/ -c best.pth --certify --n 10000 --json
 
       dmae predict a.jpg b.jpg -c best.pth --sigma 0.25 --device cpu --tsv
+
+      dmae predict digit.png -c clean.pth --denoiser runs/digits/pretrain/last.pth --sigma 0.25
+
+    With --denoiser the classifier may be one trained on clean images (finetune.sigma
+    0, or a 'dmae import'ed one): give --sigma, it has none of its own.
     """
     from dmae_cli.smoothing.smoothed import Smoothed, load_classifier
 
@@ -119,12 +134,18 @@ def predict(
     if first_index < 0:
         raise UserError(f"--first-index {first_index}: an example index is 0 or more")
     settings = dict(typed or {})
-    classifier = load_classifier(checkpoint, device)
+    classifier = load_classifier(checkpoint, device, denoiser=denoiser)
+    if sigma is None and classifier.spec.sigma == 0:
+        raise UserError(
+            f"{checkpoint} is a clean classifier (trained without noise): give the noise level "
+            f"to smooth at with --sigma"
+        )
     smoothed = Smoothed(classifier, sigma, batch_size=settings.get("certify.batch_size", "auto"))
     noise = Noise(noise_seed, first_index)
     answers, failed = answer_all(smoothed, images, settings, certify, noise)
     report = {
         "checkpoint": str(checkpoint),
+        "denoiser": None if denoiser is None else str(denoiser),
         "sigma": smoothed.sigma,
         "certifier": settings.get("certify.certifier", "cohen"),
         "n": settings.get("certify.n", DEFAULT_N),
@@ -295,5 +316,8 @@ def show_table(
     settings = f"{report['certifier']}: n={report['n']:,}, alpha={report['alpha']:g}"
     if certify:
         settings += f", n0={report['n0']:,}"
-    console.print(f"{report['checkpoint']}; {settings}", highlight=False, soft_wrap=True)
+    models = report["checkpoint"]
+    if report["denoiser"] is not None:
+        models = f"{models} behind the denoiser {report['denoiser']}"
+    console.print(f"{models}; {settings}", highlight=False, soft_wrap=True)
     console.print(table)

@@ -8,6 +8,7 @@ when a sigma is not the one the classifier or the denoiser was trained for.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -29,12 +30,20 @@ class LoadedDenoiser:
     model: Denoiser
     spec: ModelSpec
     path: Path
-    sha256: str
 
     @classmethod
-    def load(cls, path: Path, info: DatasetInfo, dataset: str, device: torch.device) -> Self:
-        """The denoiser at `path`, checked against the data it is about to denoise."""
+    def load(
+        cls,
+        path: Path,
+        device: torch.device,
+        info: DatasetInfo | None = None,
+        dataset: str = "",
+    ) -> Self:
+        """The denoiser at `path`, checked against the data set `dataset` described by `info`
+        when there is one (the Python API certifies images of no data set)."""
         model, spec = load_denoiser(path, device)
+        if info is None:
+            return cls(model, spec, path)
         if (spec.channels, spec.input_size) != (info.channels, info.image_size):
             raise UserError(
                 f"{path}: the denoiser takes {_images(spec.channels, spec.input_size)}, but "
@@ -44,7 +53,12 @@ class LoadedDenoiser:
             ui.info(
                 f"note: the denoiser {path} was trained on '{spec.dataset}', denoising '{dataset}'"
             )
-        return cls(model, spec, path, checkpoint.file_sha256(path))
+        return cls(model, spec, path)
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The file's sha256, read when a header first asks (a ViT-L DMAE is over a GB)."""
+        return checkpoint.file_sha256(self.path)
 
     def before(self, classifier: nn.Module, spec: ModelSpec, path: Path) -> Denoised:
         """The classifier at `path` behind this denoiser: noise, then D, then f."""

@@ -248,7 +248,7 @@ def prepare(
     denoiser = None
     if cfg.denoiser:  # one for every sigma
         denoiser = LoadedDenoiser.load(
-            Path(cfg.denoiser), dataset.info, recipe.data.dataset, device
+            Path(cfg.denoiser), device, dataset.info, recipe.data.dataset
         )
 
     def jobs() -> Iterator[Job]:

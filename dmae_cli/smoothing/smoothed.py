@@ -29,6 +29,7 @@ from dmae_cli.models import classifier as classifiers
 from dmae_cli.models.spec import ModelSpec
 from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
+from dmae_cli.smoothing.denoising import LoadedDenoiser
 from dmae_cli.smoothing.drive import certify_all, predict_all
 from dmae_cli.smoothing.jobs import build_certifier, build_sampler
 from dmae_cli.smoothing.sampler import Sampler
@@ -41,8 +42,9 @@ class BaseClassifier:
     """The base classifier f of a checkpoint: the model in eval mode and its description."""
 
     model: nn.Module
-    spec: ModelSpec
+    spec: ModelSpec  # the classifier's, also with a denoiser in front
     path: str
+    denoiser: str | None = None  # the DMAE denoiser's checkpoint, when `model` is f∘D
 
     @property
     def device(self) -> torch.device:
@@ -67,12 +69,21 @@ class BaseClassifier:
         raise UserError(f"{what}: a {type(image).__name__}; give a tensor or a PIL image")
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "auto") -> BaseClassifier:
+def load_classifier(
+    path: str | Path, device: str | torch.device = "auto", *, denoiser: str | Path | None = None
+) -> BaseClassifier:
     """The classifier `dmae finetune` wrote at `path` (or `dmae import` made), on `device`
-    ("auto": CUDA when present, else the CPU). A file that is not one is one `UserError`."""
+    ("auto": CUDA when present, else the CPU). A file that is not one is one `UserError`.
+
+    `denoiser`: a DMAE checkpoint (from `dmae pretrain`, or a tuned denoiser) put in front of
+    the classifier: the base classifier is then f(D(x)), and noise lands before D (denoised
+    smoothing, as `dmae certify --denoiser`)."""
     where = resolve_device(str(device))
     model, spec = classifiers.load_classifier(path, where)
-    return BaseClassifier(model, spec, str(path))
+    if denoiser is None:
+        return BaseClassifier(model, spec, str(path))
+    front = LoadedDenoiser.load(Path(denoiser), where)
+    return BaseClassifier(front.before(model, spec, Path(path)), spec, str(path), str(denoiser))
 
 
 def content_generator(image: torch.Tensor, device: torch.device) -> torch.Generator:
@@ -106,6 +117,11 @@ class Smoothed:
         sigma = classifier.spec.sigma if sigma is None else sigma
         if sigma is None:
             raise UserError(f"{classifier.path}: the checkpoint records no sigma; pass sigma=")
+        if sigma == 0 and classifier.spec.sigma == 0:
+            raise UserError(
+                f"{classifier.path}: a clean classifier (trained without noise) has no sigma of "
+                f"its own; pass the noise level to smooth at, sigma="
+            )
         self.classifier = classifier
         self.sigma = float(sigma)
         self._base = settings(
