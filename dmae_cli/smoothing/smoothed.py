@@ -1,4 +1,5 @@
-"""The smoothed classifier of the Python API: `Smoothed(load_classifier(path), sigma)`.
+"""The smoothed classifier of the Python API: `Smoothed(load_classifier(path), sigma)`, or
+behind a DMAE denoiser, `Smoothed(load_classifier(path, denoiser=dmae_path), sigma)`.
 
 `dmae_cli` re-exports the names of this module (see `dmae_cli.__all__`); `dmae predict` calls
 them too, and they certify through the driver `dmae certify` uses
