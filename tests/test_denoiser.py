@@ -32,7 +32,7 @@ from dmae_cli.smoothing.jobs import build_sampler
 from dmae_cli.training.pretrain import run_pretrain
 from dmae_plugins.certifiers.cohen import Cohen
 from tests.conftest import TINY_OVERRIDES, one_line_error, save_classifier
-from tests.test_import import official_save, official_vit
+from tests.test_import import official_vit
 from tests.test_models import tiny_dmae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,7 +327,6 @@ def test_a_timm_classifier_imported_with_dmae_import_certifies_through_the_denoi
     tmp_path: Path,
 ) -> None:
     torch.save(official_vit().state_dict(), tmp_path / "timm.pth")
-    official_save(tmp_path / "official.pth", official_vit().state_dict())
     made = cli(
         "import", tmp_path / "timm.pth", "--out", tmp_path / "clf.pth", "--sigma", 0,
         "--mean", "0.3", "--std", "0.4", "--backbone", "vit_tiny", "--option", "num_heads=2",
