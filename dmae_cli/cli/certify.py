@@ -68,27 +68,27 @@ def certify(
 
       dmae certify recipes/vitb.yaml --sigma 0.5 --interval 50 --skip-wrong
 
-      torchrun --nproc_per_node 8 -m dmae_cli certify recipes/vitl.yaml --sigma 1.0
+      torchrun --nproc_per_node 8 -m dmae_cli certify recipes/vitl.yaml --sigma 1
 
-      dmae certify recipes/vitb.yaml --sigma 0.5 --batch-size auto --compile --estimate
+      dmae certify recipes/vitb.yaml --sigma 0.5 --batch-size auto --estimate
 
       dmae certify --checkpoint clean.pth --denoiser runs/digits/pretrain/last.pth
 
-    --denoiser certifies a classifier trained on clean images (any dmae classifier
-    checkpoint, or one made with 'dmae import') behind a DMAE denoiser (denoised
-    smoothing): noise, then the DMAE without a mask, then the classifier. The radius
-    is Cohen's for that composed classifier. Its files go to
-    runs/<name>/certify-denoised/ (not certify/), and the header records both
-    checkpoints' sha256; resuming refuses another denoiser.
+    --denoiser certifies a classifier trained on clean images (any dmae
+    classifier checkpoint, or one made with 'dmae import') behind a DMAE
+    denoiser (denoised smoothing): noise, then the DMAE without a mask, then
+    the classifier. The radius is Cohen's for that composed classifier. Its
+    files go to runs/<name>/certify-denoised/ (not certify/), and the header
+    records both checkpoints' sha256; resuming refuses another denoiser.
 
     --estimate times a short sample and prints the projected noisy passes and
     wall time of what is left to certify, writing nothing. Precision auto is
     bf16 autocast on CUDA and on a CPU with native bf16 (AVX512-BF16 or AMX),
-    else fp32. Out of GPU memory, a batch is forwarded in halves (the same
-    noise, the same counts).
+    else fp32. --compile compiles the classifier first (minutes). Out of GPU
+    memory, a batch is forwarded in halves (the same noise, the same counts).
 
-    Under torchrun write -n, not --n, and --set certify.start=K, not --start: torchrun
-    takes those for abbreviations of its own options.
+    Under torchrun write -n, not --n, and --set certify.start=K, not --start:
+    torchrun takes those for abbreviations of its own options.
     """
     from dmae_cli.runtime import distributed
     from dmae_cli.smoothing.certify import run_certify
