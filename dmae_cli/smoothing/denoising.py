@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,7 @@ class LoadedDenoiser:
         device: torch.device,
         info: DatasetInfo | None = None,
         dataset: str = "",
-    ) -> Self:
+    ) -> LoadedDenoiser:
         """The denoiser at `path`, checked against the data set `dataset` described by `info`
         when there is one (the Python API certifies images of no data set)."""
         model, spec = load_denoiser(path, device)
