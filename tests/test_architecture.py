@@ -33,6 +33,7 @@ STAGES = {
     "dmae_cli.data.shard",
     "dmae_cli.training.pretrain",
     "dmae_cli.training.finetune",
+    "dmae_cli.training.denoiser",
     "dmae_cli.smoothing.certify",
     "dmae_cli.smoothing.estimate",
     "dmae_cli.report.run",

@@ -29,6 +29,7 @@ from dmae_cli.config.reading import RecipeError, cut, parse_yaml, read_recipe_fi
 from dmae_cli.config.schema import (
     CertifyConfig,
     DataConfig,
+    DenoiserConfig,
     FinetuneConfig,
     ModelConfig,
     OptimConfig,
@@ -41,6 +42,7 @@ from dmae_cli.config.schema import (
 __all__ = [
     "CertifyConfig",
     "DataConfig",
+    "DenoiserConfig",
     "FinetuneConfig",
     "ModelConfig",
     "OptimConfig",

@@ -198,6 +198,27 @@ class FinetuneConfig(OptimConfig):
 
 
 @dataclass(frozen=True)
+class DenoiserConfig(OptimConfig):
+    """Tuning a DMAE denoiser for a frozen classifier (`dmae finetune --denoiser-for`).
+
+    The denoiser starts pre-trained and the objective only refines it, so the defaults are
+    those of a short, gentle fine-tuning rather than of pre-training.
+    """
+
+    epochs: int = field(default=20, metadata=positive())  # on digits 20 beat 10 (97.2 vs 96.0%)
+    batch_size: int = field(default=64, metadata=positive())
+    # lr 2.5e-4 at batch 64: on digits 4x lower gains less in 20 epochs, 4x higher loses accuracy
+    blr: float = field(default=1e-3, metadata=positive())
+    min_lr: float = field(default=1e-6, metadata=non_negative())
+    warmup_epochs: float = field(default=1.0, metadata=non_negative())  # Adam's moments settle
+    weight_decay: float = field(default=0.0, metadata=non_negative())  # stay near pre-training
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's defaults: no reason to differ here
+    save_every: int = field(default=5, metadata=positive())
+    eval_every: int = field(default=1, metadata=positive())  # epochs between evaluations
+    eval_noise_copies: int = field(default=1, metadata=positive())  # noise draws per test image
+
+
+@dataclass(frozen=True)
 class CertifyConfig:
     sigma: tuple[float, ...] = field(
         default=(0.25,),
@@ -306,6 +327,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # --denoiser-for
     certify: CertifyConfig = field(default_factory=CertifyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -89,15 +89,23 @@ class Checkpointer:
     epochs: int  # of the whole run: its last epoch always gets a checkpoint-NNNN.pth
     save_every: int
     device: torch.device  # where a resumed state is loaded to
+    # The submodule whose weights a checkpoint holds as its "model"; "" the whole model. A
+    # tuned denoiser trains as `Denoiser` but is kept as its DMAE, a pretraining checkpoint's
+    # layout, so that every reader of DMAE checkpoints reads it.
+    weights_of: str = ""
 
     @property
     def last(self) -> Path:
         return self.run_dir / LAST
 
+    def held(self) -> nn.Module:
+        """The module whose weights checkpoints hold (outside any DDP wrapper)."""
+        return unwrap(self.model).get_submodule(self.weights_of)
+
     def state(self, epoch: int, rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint after `epoch` (the official MAE layout plus `rng` and `meta`)."""
         return {
-            "model": unwrap(self.model).state_dict(),
+            "model": self.held().state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": None,
             "epoch": epoch,
@@ -140,7 +148,7 @@ class Checkpointer:
         state = self._load(path)
         _check(path, _state_dict_problem(state, "model"))
         checkpoint.load_exact(
-            unwrap(self.model), state["model"], str(path), "does not match this recipe's model"
+            self.held(), state["model"], str(path), "does not match this recipe's model"
         )
         _check(path, _state_dict_problem(state, "optimizer"))
         try:

@@ -65,6 +65,7 @@ class Trainer:
     section: str = ""  # the recipe section of `cfg` (e.g. "pretrain"), for hints in messages
     spike_factor: float = SPIKE_FACTOR  # gradient norm / running average that counts as a spike
     tensorboard: bool = False  # metrics also in run_dir/tensorboard/ (recipe logging.tensorboard)
+    weights_of: str = ""  # the submodule checkpoints hold ("": the model; see Checkpointer)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -92,6 +93,7 @@ class Trainer:
             epochs=self.cfg.epochs,
             save_every=self.cfg.save_every,
             device=self.device,
+            weights_of=self.weights_of,
         )
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", self.tensorboard)
         self.health = HealthCheck(
