@@ -44,6 +44,7 @@ def test_demo_runs_every_stage_and_ends_with_a_summary(
         f"runs_dir={tmp_path}",
         "pretrain.epochs=1",
         "pretrain.reconstructions=2",
+        "pretrain.sigma=[0.25, 0.5]",  # one DMAE for both sigmas
         "finetune.epochs=1",
         "certify.n0=4",
         "certify.n=16",
@@ -55,6 +56,7 @@ def test_demo_runs_every_stage_and_ends_with_a_summary(
     assert result.exit_code == 0, result.output
     for stage in ("1/4 pretrain", "2/4 finetune", "3/4 certify", "4/4 report"):
         assert stage in result.stderr
+    assert "sigma 0.25, 0.5, mask" in result.stderr  # not the tuple's repr
     assert "σ=0.25" in result.stdout and "best (σ)" in result.stdout  # the report table
     run = tmp_path / "digits-demo"
     assert (run / "report" / "curves.png").is_file() and (run / "report" / "report.md").is_file()

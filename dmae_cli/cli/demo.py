@@ -115,7 +115,8 @@ def run_demo(recipe: Recipe) -> DemoResult:
 
     start = time.perf_counter()
     p, f, c = recipe.pretrain, recipe.finetune, recipe.certify
-    _stage(1, "pretrain", f"DMAE, {p.epochs} epochs, sigma {p.sigma}, mask {p.mask_ratio}")
+    levels = ", ".join(f"{s:g}" for s in p.sigmas)
+    _stage(1, "pretrain", f"DMAE, {p.epochs} epochs, sigma {levels}, mask {p.mask_ratio}")
     pretrained = run_pretrain(recipe)
     sigmas = ", ".join(f"{s:g}" for s in f.sigma)
     _stage(2, "finetune", f"{f.epochs} epochs per sigma, sigma {sigmas}")
