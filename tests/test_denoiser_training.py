@@ -469,3 +469,10 @@ def test_two_processes_wrap_only_the_denoiser_and_keep_it_identical(
     for key, value in ranks[0]["model"].items():
         assert torch.equal(value, ranks[1]["model"][key]), key
         assert torch.equal(value, last["model"][key]), key
+
+
+def test_augmentation_the_tuning_does_not_use_is_warned_about(tmp_path, dmae_run, classifier):
+    """The tuning trains on the data set's own crops and flips: a recipe's mixup is ignored."""
+    recipe = tuning(tmp_path, dmae_run, classifier, "finetune.mixup=0.8", "denoiser.epochs=1")
+    with pytest.warns(ConfigIgnoredWarning, match=r"finetune.mixup ignored in tuning a denoiser"):
+        run_denoiser(recipe, out=tmp_path / "den", stop_after=1)

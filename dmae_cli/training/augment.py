@@ -81,9 +81,8 @@ class TimmTrainTransform:
 
 
 def warn_probe_ignores(cfg: FinetuneConfig) -> None:
-    """Warn about the augmentation settings a linear probe does not use."""
-    if not cfg.linear_probe:
-        return
+    """Warn about the augmentation settings a linear probe, or the tuning of a denoiser
+    (`--denoiser-for`, which trains on the data set's own crops and flips), does not use."""
     unused = {
         "mixup": cfg.mixup,
         "cutmix": cfg.cutmix,
@@ -91,6 +90,8 @@ def warn_probe_ignores(cfg: FinetuneConfig) -> None:
         "auto_augment": cfg.auto_augment,
         "reprob": cfg.reprob,
     }
-    named = [f"finetune.{k}" for k, v in unused.items() if v]
-    if named:
-        _ignored(f"{', '.join(named)} ignored in linear probing (MAE's probe uses none of them)")
+    named = ", ".join(f"finetune.{k}" for k, v in unused.items() if v)
+    if named and cfg.linear_probe:
+        _ignored(f"{named} ignored in linear probing (MAE's probe uses none of them)")
+    elif named and cfg.denoiser_for is not None:
+        _ignored(f"{named} ignored in tuning a denoiser (--denoiser-for)")

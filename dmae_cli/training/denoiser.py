@@ -43,6 +43,7 @@ from dmae_cli.runtime.device import resolve_device
 from dmae_cli.runtime.errors import UserError
 from dmae_cli.runtime.lock import run_lock
 from dmae_cli.runtime.precision import autocast_dtype
+from dmae_cli.training.augment import warn_probe_ignores
 from dmae_cli.training.trainer import EvalFn, Trainer
 from dmae_cli.training.tuning import BestKeeper, SigmaRun, evaluate, resolve_init
 
@@ -212,6 +213,7 @@ def run_denoiser(
     from its own last.pth."""
     cfg = recipe.finetune
     _check_request(recipe)
+    warn_probe_ignores(cfg)
     base = Path(out) if out is not None else recipe.stage_dir("denoiser")
     run_dirs = {s: base / sigma_name(s) for s in dict.fromkeys(cfg.sigma)}
     device = resolve_device(recipe.device)
