@@ -196,8 +196,9 @@ def test_every_format_names_each_way(tmp_path: Path) -> None:
     result = report(*four_ways(tmp_path), "--radii", RADII, "--format", FORMATS)
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for run, kind in WAYS.items():
-        assert f"{run} ({kind}): certified accuracy (%)" in out  # the terminal table's title
+    for number, (run, kind) in enumerate(WAYS.items(), 1):
+        assert f"{run}: {kind}\n" in out  # the line above the run's terminal table
+        assert f"{number}: {run}, {kind}\n" in out  # the legend of the side-by-side table
         assert f"| {run} σ=0.25 | {kind} | 6 |" in out  # markdown
         assert f"{run} $\\sigma$=0.25 & {kind.replace('%', '')} & 6 &" in out  # LaTeX
     assert "| digits best over σ | classifier fine-tuned with noise (the paper's way) |  |" in out
@@ -376,3 +377,22 @@ def test_files_that_do_not_name_their_examples_are_compared_as_they_are(tmp_path
     with pytest.warns(UserWarning, match="cannot check that the runs certified the same"):
         built = build_report([tmp_path / "a", text], (0.0,))
     assert [run.summaries[0].examples for run in built.runs] == [6, 1]
+
+
+def test_the_terminal_puts_the_ways_side_by_side_at_each_sigma(tmp_path: Path) -> None:
+    """One table per sigma that several runs certified, a column per run, in 80 columns."""
+    paths = four_ways(tmp_path)
+    args = ["report", *map(str, paths), "--radii", RADII]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert out.count("side by side") == 1  # at sigma 0.5 the paper's way is alone
+    assert max(len(line) for line in out.splitlines()) <= 80
+    table = out[out.index("side by side") :].splitlines()
+    header = next(line for line in table if "radius" in line)
+    assert [cell.strip() for cell in header.split("┃")[2:6]] == ["1", "2", "3", "4"]
+    at_sigma = {run.run: run.summaries[0] for run in build_report(paths, (0.5,)).runs}
+    rows = [line.split("│") for line in table if line.startswith("│")]
+    cells = [float(c) for c in next(r for r in rows if r[1].strip() == "0.5")[2:6]]
+    assert cells == [round(100 * at_sigma[run].points[0].accuracy, 1) for run in WAYS]
+    assert len(set(cells)) > 1  # the runs differ: the columns are not one run repeated

@@ -1,11 +1,12 @@
-"""The report's formats: a `Report` as rich terminal tables, markdown, LaTeX, CSV or JSON,
-optionally beside the published rows of the DMAE paper (the comparison rows).
+"""The report's file formats: a `Report` as markdown, LaTeX, CSV or JSON, optionally beside the
+published rows of the DMAE paper (the comparison rows); the terminal's tables are
+`report.terminal`'s.
 
 When a run was made another way than the paper's (`Report.shows_kinds`, `report.kinds`), every
 format names each run's kind, so that runs side by side read as a comparison of the ways: a
-column after the row's name in markdown and LaTeX, the table's title in the terminal, the name
-of our rows beside the published ones, and a `kind` column (CSV) or field (JSON) appended after
-those of before. Otherwise the output is what it was before kinds.
+column after the row's name in markdown and LaTeX, the name of our rows beside the published
+ones, and a `kind` column (CSV) or field (JSON) appended after those of before. Otherwise the
+output is what it was before kinds.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import csv
 import io
 import json
 from typing import Any
-
-from rich.table import Table
-from rich.text import Text
 
 from dmae_cli.report.kinds import NOT_RECORDED, Kind
 from dmae_cli.report.published import PublishedTable
@@ -287,58 +285,6 @@ def _run_json(run: RunReport, kinds: bool) -> dict[str, Any]:
 
 def _kind_json(kind: Kind | None) -> dict[str, Any]:
     return {"kind": None if kind is None else kind.label}
-
-
-def rich_tables(report: Report, compare: PublishedTable | None = None) -> list[Table]:
-    """Terminal layout: one table per run with a row per radius and a column per sigma
-    (narrow enough for a terminal), then the comparison in the paper's layout."""
-    tables = [_rich_run(report, run) for run in report.runs]
-    if compare is not None:
-        table = Table(title=compare.title, caption=f"Source: {compare.source}")
-        table.add_column("method")
-        table.add_column("params")
-        for r in report.radii:
-            table.add_column(f"r={radius_label(r)}", justify="right")
-        rows = comparison_rows(report, compare)
-        last_published = len(compare.rows) - 1
-        for i, (method, params, cells) in enumerate(rows):
-            style = "bold" if i > last_published else None  # ours, below the published rows
-            table.add_row(method, params, *cells, style=style, end_section=i == last_published)
-        tables.append(table)
-    return tables
-
-
-def _rich_run(report: Report, run: RunReport) -> Table:
-    level = f"{100 * (1 - report.ci_alpha):g}%"
-    title: str | Text = f"{run.run}: certified accuracy (%)"
-    if report.shows_kinds:  # on one line, wider than the table where it must be
-        title = Text(
-            f"{run.run} ({kind_label(run.kind)}): certified accuracy (%)",
-            no_wrap=True,
-            overflow="ignore",
-        )
-    table = Table(title=title, caption=f"[dim]in brackets: {level} Clopper-Pearson interval[/]")
-    table.add_column("radius", justify="right")
-    for s in run.summaries:
-        table.add_column(f"σ={s.sigma:g}", justify="right")
-    if run.has_envelope:
-        table.add_column("best (σ)", justify="right", style="bold")
-    for i, r in enumerate(report.radii):
-        cells = [_rich_cell(s.points[i]) for s in run.summaries]
-        if run.has_envelope:
-            e = run.envelope[i]
-            cells.append(f"{pct(e.point.accuracy)} ({e.sigma:g})")
-        table.add_row(radius_label(r), *cells, end_section=i == len(report.radii) - 1)
-    extra = [""] if run.has_envelope else []
-    table.add_row("clean", *[_rich_cell(s.clean) for s in run.summaries], *extra)
-    table.add_row("ACR", *[f"{s.acr:.3f}" for s in run.summaries], *extra)
-    table.add_row("abstained", *[f"{pct(s.abstention_rate)}%" for s in run.summaries], *extra)
-    table.add_row("examples", *[str(s.examples) for s in run.summaries], *extra)
-    return table
-
-
-def _rich_cell(p: Point) -> str:
-    return f"{pct(p.accuracy)} [dim]\\[{pct(p.low)}, {pct(p.high)}][/]"
 
 
 RENDERERS = {"markdown": markdown, "latex": latex, "csv": csv_text, "json": json_text}

@@ -80,8 +80,9 @@ def run_report(paths: Sequence[Path], options: ReportOptions) -> ReportResult:
     from rich.console import Console
     from rich.markup import escape
 
-    from dmae_cli.report.formats import RENDERERS, SUFFIX, rich_tables
+    from dmae_cli.report.formats import RENDERERS, SUFFIX
     from dmae_cli.report.published import published_table
+    from dmae_cli.report.terminal import rich_tables
     from dmae_cli.runtime import ui
     from dmae_cli.runtime.checkpoint import atomic_write_text
 
