@@ -115,3 +115,17 @@ def runs(tmp_path: Path) -> Path:
     """A runs directory holding a sigma-0.5 model of the digits recipe."""
     save_classifier(tmp_path / "runs" / "digits" / "finetune" / "sigma-0.5" / "best.pth")
     return tmp_path / "runs"
+
+
+def as_torchrun_rank(rank: int, port: int, world: int = 2) -> None:
+    """Make this process rank `rank` of `world` as torchrun would: its environment (the
+    built-in plugins only, as the suite) and one torch thread per rank."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        DMAE_PLUGINS="builtin",
+    )
+    torch.set_num_threads(1)

@@ -28,7 +28,7 @@ from dmae_cli.training.denoiser import run_denoiser
 from dmae_cli.training.finetune import evaluate, run_finetune
 from dmae_cli.training.objective import Objective, build_objective
 from dmae_cli.training.pretrain import add_noise, run_pretrain
-from tests.conftest import TINY_OVERRIDES, one_line_error, save_classifier
+from tests.conftest import TINY_OVERRIDES, as_torchrun_rank, one_line_error, save_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -417,19 +417,9 @@ def test_resuming_for_another_classifier_is_one_line(tmp_path, dmae_run, classif
 
 def ddp_worker(rank: int, port: int, out: str, start: str, classifier: str) -> None:
     """One torchrun-like process tuning a denoiser; it reports what DDP wrapped."""
-    import os
-
     from dmae_cli.training.trainer import Trainer
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        DMAE_PLUGINS="builtin",
-    )
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, port)
     wrapped: list[torch.nn.Module] = []
     distribute = Trainer.distribute
 

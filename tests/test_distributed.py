@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 from dmae_cli.config.recipe import load_recipe
 from dmae_cli.runtime.checkpoint import load_checkpoint
 from dmae_cli.training.pretrain import run_pretrain
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, as_torchrun_rank
 
 EPOCHS = ["pretrain.epochs=3", "pretrain.warmup_epochs=1"]
 
@@ -26,15 +25,7 @@ def free_port() -> int:
 
 def worker(rank: int, port: int, out: str, data: list[str]) -> None:
     """One torchrun-like process: the environment torchrun would set, then the real stage."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        DMAE_PLUGINS="builtin",
-    )
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, port)
     # A rank that exits with its gloo group alive can abort in the interpreter's teardown:
     # record that the group is left (by dmae's exit handler, as this process ends).
     destroy = torch.distributed.destroy_process_group
