@@ -261,3 +261,15 @@ def test_certify_reads_the_recipe_and_the_checkpoint_once(
     if config:
         expected[(model.parent / "config.yaml").resolve()] = 1
     assert dict(reads) == expected
+
+
+@pytest.mark.parametrize("name", sorted(c.callback.__name__ for c in app.registered_commands))
+def test_command_help_paragraphs_fit_an_80_column_terminal(name: str) -> None:
+    """The help keeps its docstring's line breaks: a line wider than the 78 columns rich
+    gives it at 80 is wrapped, and leaves a stub of a line before the next one."""
+    import inspect
+
+    command = next(c for c in app.registered_commands if c.callback.__name__ == name)
+    lines = (inspect.getdoc(command.callback) or "").splitlines()
+    prose = [line for line in lines if not line.startswith("  ")]  # examples may wrap
+    assert [line for line in prose if len(line) > 78] == []

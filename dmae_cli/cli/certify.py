@@ -76,10 +76,10 @@ def certify(
 
     --denoiser certifies a classifier trained on clean images (any dmae
     classifier checkpoint, or one made with 'dmae import') behind a DMAE
-    denoiser (denoised smoothing): noise, then the DMAE without a mask, then
-    the classifier. The radius is Cohen's for that composed classifier. Its
-    files go to runs/<name>/certify-denoised/ (not certify/), and the header
-    records both checkpoints' sha256; resuming refuses another denoiser.
+    denoiser (denoised smoothing): noise, then the DMAE without a mask, then the
+    classifier. The radius is Cohen's for that composed classifier. Its files go
+    to runs/<name>/certify-denoised/ (not certify/), and the header records both
+    checkpoints' sha256; resuming refuses another denoiser.
 
     --estimate times a short sample and prints the projected noisy passes and
     wall time of what is left to certify, writing nothing. Precision auto is

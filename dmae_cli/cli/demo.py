@@ -54,10 +54,9 @@ def demo(
     """The whole pipeline on the bundled digits: pretrain, finetune, certify, report.
 
     About ten minutes on two CPU cores; nothing is downloaded. Runs
-    recipes/digits.yaml (sigma 0.25 and 0.5, every second test image
-    certified) into runs/digits-demo/; shows each stage's progress and ends
-    with the report table, the pictures and a one-line summary. Running it
-    again resumes.
+    recipes/digits.yaml (sigma 0.25 and 0.5, every second test image certified)
+    into runs/digits-demo/; shows each stage's progress and ends with the report
+    table, the pictures and a one-line summary. Running it again resumes.
 
     Examples:
 

@@ -24,14 +24,17 @@ def finetune(
 ) -> None:
     """Fine-tune the noise-robust base classifier, one model per sigma.
 
-    Gaussian noise in pixel space plus consistency regularisation; evaluates clean and noisy
-    test accuracy every finetune.eval_every epochs. Each sigma writes
-    runs/<name>/finetune/sigma-<s>/ (config.yaml, metrics.jsonl, last.pth, best.pth by noisy
-    accuracy; with --out DIR, DIR/sigma-<s>/) and resumes automatically when run again.
-    --sigma 0 trains a clean classifier, without noise, to certify behind a denoiser.
-    --denoiser-for CLASSIFIER tunes instead the DMAE of --init (default the recipe's pretrain
-    run) as a denoiser for that frozen classifier, one per sigma, with the recipe's denoiser:
-    settings, into runs/<name>/denoiser/sigma-<s>/ (best.pth by the noisy accuracy of the
+    Gaussian noise in pixel space plus consistency regularisation; evaluates
+    clean and noisy test accuracy every finetune.eval_every epochs. Each sigma
+    writes runs/<name>/finetune/sigma-<s>/ (config.yaml, metrics.jsonl,
+    last.pth, best.pth by noisy accuracy; with --out DIR, DIR/sigma-<s>/) and
+    resumes automatically when run again.
+
+    --sigma 0 trains a clean classifier, without noise, to certify behind a
+    denoiser. --denoiser-for CLASSIFIER tunes instead the DMAE of --init
+    (default the recipe's pretrain run) as a denoiser for that frozen
+    classifier, one per sigma, with the recipe's denoiser: settings, into
+    runs/<name>/denoiser/sigma-<s>/ (best.pth by the noisy accuracy of the
     classifier behind it).
 
     Examples:

@@ -98,8 +98,8 @@ def import_(
 
     The weights give the ViT's width, depth, patch size, channels, classes,
     prefix tokens and pooling; you give what they do not: the noise level, the
-    normalisation and, where it is not ViT-B/16, the backbone. Every tensor
-    must fit the model exactly.
+    normalisation and, where it is not ViT-B/16, the backbone. Every tensor must
+    fit the model exactly.
 
     Examples:
 

@@ -37,15 +37,16 @@ def plugins(
         ),
     ] = False,
 ) -> None:
-    """List every registered backbone, dataset and certifier with where it comes from.
+    """List every registered backbone, dataset and certifier, and where it is from.
 
-    Listing reads metadata only (entry points, distribution, version, the first line of the
-    plugin's docstring read from its source): no plugin is imported. --check imports each one,
-    checks its contract, builds each dataset without a root and checks its first item (or
-    reports "not checked: needs data"), and marks each certifier's API (1 or 2).
-    DMAE_PLUGINS=builtin restricts loading to dmae's own plugins; DMAE_PLUGINS=dist1,dist2 to
-    those distributions (plus dmae's). Two plugins of one kind and name from different
-    distributions are marked; pick one with distribution:name.
+    Listing reads metadata only (entry points, distribution, version, the first
+    line of the plugin's docstring read from its source): no plugin is imported.
+    --check imports each one, checks its contract, builds each dataset without a
+    root and checks its first item (or reports "not checked: needs data"), and
+    marks each certifier's API (1 or 2). DMAE_PLUGINS=builtin restricts loading
+    to dmae's own plugins; DMAE_PLUGINS=dist1,dist2 to those distributions (plus
+    dmae's). Two plugins of one kind and name from different distributions are
+    marked; pick one with distribution:name.
 
     Examples:
 

@@ -100,19 +100,20 @@ def predict(
 ) -> None:
     """The smoothed classifier's prediction for each image, or abstain.
 
-    Cohen et al.'s PREDICT on n noisy copies: the top class, or abstain unless it
-    beats the runner-up at level alpha. With --certify, CERTIFY instead: n0 copies
-    select a class, n fresh ones bound its probability pA from below; the radius is
-    sigma * PhiInverse(pA lower bound), or abstain when the bound is below 1/2.
-    Defaults: --n 1000, --n0 100, --alpha 0.001, --certifier cohen, --batch-size auto
-    (n 1000 caps the pA bound at 0.993, a radius of 2.46 sigma; the paper takes
-    10^4 to 10^5).
+    Cohen et al.'s PREDICT on n noisy copies: the top class, or abstain unless
+    it beats the runner-up at level alpha. With --certify, CERTIFY instead: n0
+    copies select a class, n fresh ones bound its probability pA from below; the
+    radius is sigma * PhiInverse(pA lower bound), or abstain when the bound is
+    below 1/2. Defaults: --n 1000, --n0 100, --alpha 0.001, --certifier cohen,
+    --batch-size auto (n 1000 caps the pA bound at 0.993, a radius of 2.46
+    sigma; the paper takes 10^4 to 10^5).
 
-    Images are converted to the checkpoint's channels (grayscale or RGB) and size:
-    resized and centre-cropped as its data set's test images (docs/api.md). Each
-    image's noise comes from a generator seeded by its pixels, so the same image
-    gives the same answer in every run. A file that cannot be read is one line on
-    stderr; the others are still answered, and the exit code is 2 at the end.
+    Images are converted to the checkpoint's channels (grayscale or RGB) and
+    size: resized and centre-cropped as its data set's test images
+    (docs/api.md). Each image's noise comes from a generator seeded by its
+    pixels, so the same image gives the same answer in every run. A file that
+    cannot be read is one line on stderr; the others are still answered, and the
+    exit code is 2 at the end.
 
     Examples:
 
@@ -122,10 +123,11 @@ def predict(
 
       dmae predict a.jpg b.jpg -c best.pth --sigma 0.25 --device cpu --tsv
 
-      dmae predict digit.png -c clean.pth --denoiser runs/digits/pretrain/last.pth --sigma 0.25
+      dmae predict digit.png -c clean.pth --denoiser pretrain/last.pth --sigma 0.25
 
-    With --denoiser the classifier may be one trained on clean images (finetune.sigma
-    0, or a 'dmae import'ed one): give --sigma, it has none of its own.
+    With --denoiser the classifier may be one trained on clean images
+    (finetune.sigma 0, or a 'dmae import'ed one): give --sigma, it has none of
+    its own.
     """
     from dmae_cli.smoothing.smoothed import Smoothed, load_classifier
 

@@ -32,12 +32,13 @@ def pretrain(
 ) -> None:
     """DMAE pre-training: reconstruct clean images from noisy, masked ones.
 
-    Gaussian noise is added to each image (pretrain.sigma) and most of its patches are masked
-    (pretrain.mask_ratio); the ViT encoder sees the rest, and a light decoder reconstructs
-    the clean image from its output. pretrain.sigma may be a list: each image then draws one
-    of its levels, so one model denoises for several certification sigmas (dmae certify
-    --denoiser). Resumes automatically when the run directory holds a checkpoint. Writes
-    config.yaml, metrics.jsonl, last.pth, checkpoint-NNNN.pth and reconstructions.png.
+    Gaussian noise is added to each image (pretrain.sigma) and most of its
+    patches are masked (pretrain.mask_ratio); the ViT encoder sees the rest, and
+    a light decoder reconstructs the clean image from its output. pretrain.sigma
+    may be a list: each image then draws one of its levels, so one model
+    denoises for several certification sigmas (dmae certify --denoiser). Resumes
+    automatically when the run directory holds a checkpoint. Writes config.yaml,
+    metrics.jsonl, last.pth, checkpoint-NNNN.pth and reconstructions.png.
 
     Examples:
 
@@ -45,7 +46,7 @@ def pretrain(
 
       dmae pretrain recipes/digits.yaml --set "pretrain.sigma=[0.25, 0.5, 1.0]"
 
-      dmae pretrain recipes/vitl.yaml --set data.root=/data/imagenet --set pretrain.epochs=1600
+      dmae pretrain recipes/vitl.yaml --set data.root=/data/imagenet
     """
     from dmae_cli.training.pretrain import redraw_reconstructions, run_pretrain
 

@@ -76,17 +76,18 @@ def report(
 ) -> None:
     """Certified accuracy at each radius, ACR, abstentions, the envelope over sigma.
 
-    Per file: certified accuracy (correct and radius >= r) with a Clopper-Pearson
-    interval, clean accuracy (r = 0), average certified radius, abstention rate;
-    per run: the best over sigma at each radius (as the published tables). A
-    malformed file stops with one line naming the file and the line.
+    Per file: certified accuracy (correct and radius >= r) with a
+    Clopper-Pearson interval, clean accuracy (r = 0), average certified radius,
+    abstention rate; per run: the best over sigma at each radius (as the
+    published tables). A malformed file stops with one line naming the file and
+    the line.
 
     Several runs side by side compare the ways of getting a certified
     classifier, each run named by its kind (from its files' headers): a clean
-    classifier alone (not a smoothing model), a clean classifier + DMAE
-    denoiser (or + a denoiser tuned for it), and the paper's way (fine-tuned
-    with noise). At a sigma where the runs certified different examples, they
-    are compared on the examples they share, with a warning.
+    classifier alone (not a smoothing model), a clean classifier + DMAE denoiser
+    (or + a denoiser tuned for it), and the paper's way (fine-tuned with noise).
+    At a sigma where the runs certified different examples, they are compared on
+    the examples they share, with a warning.
 
     Examples:
 

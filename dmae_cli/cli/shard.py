@@ -78,17 +78,17 @@ def shard(
         bool, typer.Option("--overwrite", help="Replace shards written with other settings.")
     ] = False,
 ) -> None:
-    """Write a dataset as webdataset tar shards plus a manifest, for the webdataset dataset.
+    """Write a dataset as webdataset tar shards and a manifest (dataset webdataset).
 
-    Each sample is the image (PNG by default) and its class label, exactly as the dataset
-    delivers it without augmentation. Running the same command again after an interruption
-    resumes after the last finished shard.
+    Each sample is the image (PNG by default) and its class label, exactly as
+    the dataset delivers it without augmentation. Running the same command again
+    after an interruption resumes after the last finished shard.
 
     Examples:
 
-      dmae shard imagefolder --root /data/imagenet --out /shards/in1k-train --workers 8
+      dmae shard imagefolder --root /data/imagenet --out /shards/train --workers 8
 
-      dmae shard imagefolder --root /data/imagenet --split val --out /shards/in1k-val
+      dmae shard imagefolder --root /data/imagenet --split val --out /shards/val
 
       dmae shard digits --out shards/digits-train --max-count 200
 
