@@ -13,12 +13,13 @@ What it measures, all with dmae's own code (no re-implementation of a hot path):
    3600 x passes/s / 100,100. `sequential` stops early, so its passes per image are the mean of
    the real `sequential` certifier simulated on 200 inputs whose top-class probability follows
    the digits classifier's fit (benchmarks/certify_samples.py, population digits-like) at
-   sigma 0.5, alpha 0.001: a projection for a model of that accuracy, stated as such;
+   sigma 0.5, alpha 0.001: a projection for a model of that accuracy, stated as such. Then
+   the same sampler with the classifier behind a DMAE-B denoiser (`dmae certify --denoiser`:
+   the encoder and the decoder's 8 blocks of width 512 on every patch, then the classifier),
+   eager;
 2. the DMAE-B pre-training step (`train_step` on the `DMAE` of `dmae pretrain`, AdamW as the
    trainer builds it, bf16 autocast, mask 0.75, the paper's decoder): images/s, TFLOP/s and
    peak memory;
-   The same sampler with the classifier behind a DMAE-B denoiser (`dmae certify --denoiser`:
-   the decoder's 8 blocks of width 512 on every patch, then the classifier), eager;
 3. one fine-tuning update of the ViT-B/16 classifier at sigma 0.25 with the recipe's objective
    (2 noisy copies, consistency, mixup/cutmix, layer decay): seconds, images/s, peak memory;
 4. `torchrun --nproc_per_node 1 -m dmae_cli pretrain` (NCCL on CUDA, gloo on a CPU) on the

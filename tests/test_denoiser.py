@@ -301,6 +301,25 @@ def test_notes_say_what_each_model_was_trained_for(
     assert "trained to remove noise of sigma 0.25, certifying at 0.5" in said
 
 
+def test_a_denoiser_tuned_for_another_classifier_is_noted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tuned for one file, certified in front of another: said, and the header tells the report
+    (which then does not call it tuned for this classifier)."""
+    runs = tmp_path / "runs"
+    clean = save_classifier(tmp_path / "clean.pth", sigma=0.0)
+    for tuned_for, noted in ((checkpoint.file_sha256(clean), False), ("ab" * 32, True)):
+        dmae = save_dmae(tmp_path / f"{noted}.pth", stage="denoiser", tuned_for=tuned_for)
+        out = tmp_path / f"out-{noted}"
+        sets = [f"certify.checkpoint={clean}", f"certify.denoiser={dmae}"]
+        run_certify(recipe(runs, *sets, "certify.max_examples=1"), out=out)
+        said = " ".join(capsys.readouterr().err.split())
+        assert ("was tuned for another classifier (sha256 abababababab...)" in said) is noted
+        header = json.loads(next(out.glob("sigma-*.json")).read_text())
+        assert header["denoiser_tuned_for"] == tuned_for
+        assert (header["checkpoint_sha256"] == tuned_for) is not noted
+
+
 CLI_MISTAKES = {
     "norm-pix-loss": "cannot denoise; pre-train with 'pretrain.norm_pix_loss: false'",
     "classifier": "a classifier (finetune) checkpoint, not a denoiser",

@@ -19,6 +19,7 @@ import dmae_cli.training.denoiser as denoiser_module
 import dmae_cli.training.pretrain as pretrain_module
 from dmae_cli.cli.app import app
 from dmae_cli.config.recipe import load_recipe
+from dmae_cli.data.loading import load_dataset
 from dmae_cli.models.classifier import load_classifier
 from dmae_cli.models.denoiser import load_denoiser
 from dmae_cli.runtime.checkpoint import load_checkpoint
@@ -466,3 +467,26 @@ def test_augmentation_the_tuning_does_not_use_is_warned_about(tmp_path, dmae_run
     recipe = tuning(tmp_path, dmae_run, classifier, "finetune.mixup=0.8", "denoiser.epochs=1")
     with pytest.warns(ConfigIgnoredWarning, match=r"finetune.mixup ignored in tuning a denoiser"):
         run_denoiser(recipe, out=tmp_path / "den", stop_after=1)
+
+
+def test_a_classifier_of_other_classes_than_the_data_is_one_line(tmp_path, dmae_run) -> None:
+    """Its accuracy would be scored against labels of another class space."""
+    other = save_classifier(tmp_path / "c100.pth", sigma=0.0, num_classes=100)
+    args = ["--init", str(dmae_run), "--denoiser-for", str(other)]
+    assert "the classifier has 100 classes, but the recipe's data set has 10" in denoiser_error(
+        tmp_path, *args
+    )
+
+
+def test_a_tuned_denoiser_records_the_data_it_was_tuned_on(tmp_path, dmae_run, classifier):
+    """Not the data its DMAE was pre-trained on: `dmae certify` notes a denoiser trained on
+    another data set than it certifies."""
+    state = load_checkpoint(dmae_run)
+    state["meta"].update(dataset="elsewhere", data_fingerprint="0" * 16)
+    start = tmp_path / "elsewhere.pth"
+    torch.save(state, start)
+    recipe = tuning(tmp_path, start, classifier, "denoiser.epochs=1")
+    (run,) = run_denoiser(recipe)
+    meta = load_checkpoint(run.run_dir / "last.pth")["meta"]
+    fingerprint = load_dataset(recipe, "train", augment=True).info.fingerprint
+    assert (meta["dataset"], meta["data_fingerprint"]) == ("digits", fingerprint)

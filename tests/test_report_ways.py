@@ -106,7 +106,8 @@ def test_files_without_the_new_keys_give_the_report_of_before_byte_for_byte(
 NO_DENOISER = {"denoiser": None, "denoiser_sha256": None, "denoiser_tuned_for": None}
 DENOISER = {"denoiser": "runs/digits/pretrain/last.pth", "denoiser_sha256": "d" * 64}
 UNTUNED = {**DENOISER, "denoiser_tuned_for": None}
-TUNED = {**DENOISER, "denoiser_tuned_for": "c" * 64}  # the clean classifier's sha256
+# tuned for the very classifier certified behind it: its file's sha256
+TUNED = {**DENOISER, "denoiser_tuned_for": "c" * 64, "checkpoint_sha256": "c" * 64}
 
 PAPER = "classifier fine-tuned with noise (the paper's way)"
 ALONE = "clean classifier alone (not a smoothing model)"
@@ -157,6 +158,10 @@ WAYS = {  # run name: its kind
         ({"classifier_sigma": 0.25, **TUNED}, "classifier (sigma 0.25) + tuned DMAE denoiser"),
         ({"classifier_sigma": None, **UNTUNED}, "classifier + DMAE denoiser"),
         ({"denoiser_tuned_for": "c" * 64}, None),  # tuned for, but no denoiser: says nothing
+        (  # a denoiser tuned for one classifier in front of another
+            {"classifier_sigma": 0.0, **TUNED, "checkpoint_sha256": "e" * 64},
+            "clean classifier + DMAE denoiser tuned for another classifier",
+        ),
     ],
 )
 def test_a_files_kind_comes_from_its_header(keys: dict, label: str | None) -> None:

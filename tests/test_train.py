@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from dmae_cli.config.recipe import DataConfig, OptimConfig
 from dmae_cli.data.loading import build_loader
 from dmae_cli.runtime.checkpoint import load_checkpoint
+from dmae_cli.runtime.errors import UserError
 from dmae_cli.training.health import SpikeDetector, TrainingDiverged
 from dmae_cli.training.optim import base_lr, fused_adamw
 from dmae_cli.training.pretrain import run_pretrain
@@ -89,6 +91,22 @@ def test_two_epochs_equal_one_plus_resume_plus_one(tiny_recipe, tmp_path) -> Non
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     lines = (split.stage_dir("pretrain") / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("pretrain.norm_pix_loss=true", "norm_pix_loss: trained with False, this run asks for"),
+        ("pretrain.sigma=[0.25, 0.5]", "noise_levels: trained with [0.25], this run asks for"),
+    ],
+)
+def test_resuming_with_another_objective_is_one_line(tiny_recipe, change, message) -> None:
+    """The weights fit either way, so only the meta can tell: a DMAE half trained without
+    norm_pix_loss, resumed with it, would end up a model that can no longer denoise."""
+    first = tiny_recipe("pretrain.epochs=2")
+    run_pretrain(first, stop_after=1)
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_pretrain(tiny_recipe("pretrain.epochs=2", change))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe) -> None:

@@ -103,9 +103,9 @@ def report(
 
     The second example compares the paper's way (runs/digits), a clean
     classifier alone (runs/digits-clean, fine-tuned with finetune.sigma: 0) and
-    that classifier behind a DMAE denoiser, untuned and tuned
-    (runs/digits/certify-denoised and certify-tuned, written by 'dmae certify
-    --denoiser').
+    that classifier behind a DMAE denoiser, untuned and tuned (written by 'dmae
+    certify --denoiser' into runs/digits/certify-denoised, and with --out
+    runs/digits/certify-tuned).
     """
     from dmae_cli.report.formats import parse_formats
     from dmae_cli.report.run import ReportOptions, parse_radii, run_report

@@ -57,7 +57,7 @@ class Denoiser(nn.Module):
         adapter: InputAdapter = dmae.adapter
         patches = dmae.reconstruct(adapter(noisy))
         images = unpatchify(patches, dmae.patch_size, dmae.in_chans).float()
-        images = images * adapter.std + adapter.mean
+        images = images * adapter.std + adapter.mean  # not `denormalise`: clamp after resizing
         if images.shape[-1] != self.output_size:
             # Back to the side where the classifier's own adapter expects the data: bicubic as
             # the adapter's resize, with antialiasing because this is usually a reduction

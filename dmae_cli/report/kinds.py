@@ -9,6 +9,7 @@ From them each file has a `Kind`:
   clean classifier alone (not a smoothing model)       classifier_sigma 0, no denoiser
   clean classifier + DMAE denoiser                     classifier_sigma 0, an untuned denoiser
   clean classifier + tuned DMAE denoiser               classifier_sigma 0, a denoiser tuned for it
+  ... + DMAE denoiser tuned for another classifier     denoiser_tuned_for != checkpoint_sha256
   classifier (sigma s) + DMAE denoiser                 classifier_sigma s > 0, a denoiser
   classifier fine-tuned with noise (the paper's way)   classifier_sigma > 0, no denoiser
 
@@ -29,6 +30,7 @@ from dmae_cli.runtime.errors import UserError
 
 CLEAN, NOISY, UNKNOWN = "clean", "noise-trained", ""  # what the header says of the classifier
 DENOISER, TUNED = "DMAE denoiser", "tuned DMAE denoiser"
+TUNED_ELSEWHERE = "DMAE denoiser tuned for another classifier"
 CLEAN_ALONE = "clean classifier alone (not a smoothing model)"
 PAPERS_WAY = "classifier fine-tuned with noise (the paper's way)"
 NOT_RECORDED = "kind not recorded"
@@ -39,7 +41,7 @@ class Kind:
     """How the certified classifier was made, as the report names it."""
 
     classifier: str  # CLEAN, NOISY or UNKNOWN (a denoised file that does not say)
-    denoiser: str = ""  # "", DENOISER or TUNED
+    denoiser: str = ""  # "", DENOISER, TUNED or TUNED_ELSEWHERE
     sigma: float | None = None  # a noise-trained classifier's sigma, named beside a denoiser
     mixed: tuple[str, ...] = ()  # a run of files of different kinds: their labels
 
@@ -62,7 +64,9 @@ class Kind:
             return (
                 "clean alone, not a smoothing model" if self.classifier == CLEAN else "paper's way"
             )
-        tuned = "tuned denoiser" if self.denoiser == TUNED else "denoiser"
+        tuned = {TUNED: "tuned denoiser", TUNED_ELSEWHERE: "denoiser tuned for another"}.get(
+            self.denoiser, "denoiser"
+        )
         return f"{self._front('clean', 'classifier', 'noise-trained')} + {tuned}"
 
     @property
@@ -84,7 +88,10 @@ def file_kind(header: dict[str, Any], where: Path) -> Kind | None:
     classifier = UNKNOWN if sigma is None else CLEAN if sigma == 0 else NOISY
     if not header.get("denoiser"):
         return None if sigma is None else Kind(classifier)
-    denoiser = TUNED if header.get("denoiser_tuned_for") else DENOISER
+    tuned_for = header.get("denoiser_tuned_for")
+    denoiser = DENOISER if not tuned_for else TUNED_ELSEWHERE
+    if tuned_for and tuned_for == header.get("checkpoint_sha256"):
+        denoiser = TUNED  # tuned for this very classifier file
     return Kind(classifier, denoiser, sigma if classifier == NOISY else None)
 
 

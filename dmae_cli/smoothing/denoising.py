@@ -68,6 +68,12 @@ class LoadedDenoiser:
                 f"{path}: the classifier takes {_images(spec.channels, spec.input_size)}, but "
                 f"the denoiser {self.path} returns {_images(*own)}"
             )
+        tuned_for = self.spec.tuned_for
+        if tuned_for is not None and tuned_for != checkpoint.file_sha256(path):
+            ui.info(
+                f"note: the denoiser {self.path} was tuned for another classifier (sha256 "
+                f"{tuned_for[:12]}...), not {path}"
+            )
         return Denoised(self.model, classifier)
 
     def header(self) -> dict[str, Any]:

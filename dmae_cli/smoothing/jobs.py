@@ -248,7 +248,7 @@ def prepare(
     denoiser = None
     if cfg.denoiser:  # one for every sigma
         denoiser = LoadedDenoiser.load(
-            Path(cfg.denoiser), device, dataset.info, recipe.data.dataset
+            Path(cfg.denoiser).expanduser(), device, dataset.info, recipe.data.dataset
         )
 
     def jobs() -> Iterator[Job]:

@@ -83,7 +83,7 @@ def load_classifier(
     model, spec = classifiers.load_classifier(path, where)
     if denoiser is None:
         return BaseClassifier(model, spec, str(path))
-    front = LoadedDenoiser.load(Path(denoiser), where)
+    front = LoadedDenoiser.load(Path(denoiser).expanduser(), where)
     return BaseClassifier(front.before(model, spec, Path(path)), spec, str(path), str(denoiser))
 
 

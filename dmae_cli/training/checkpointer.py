@@ -146,6 +146,9 @@ class Checkpointer:
         if not path.is_file():
             return None
         state = self._load(path)
+        changed = self._trained_otherwise(state.get("meta"))
+        if changed is not None:
+            raise UserError(f"{path}: {changed}")
         _check(path, _state_dict_problem(state, "model"))
         checkpoint.load_exact(
             self.held(), state["model"], str(path), "does not match this recipe's model"
@@ -165,6 +168,21 @@ class Checkpointer:
         _restore_rng(state["rng"], start_epoch)
         return Resumed(path, start_epoch, Position.from_dict(position) if position else None)
 
+    def _trained_otherwise(self, saved: Any) -> str | None:
+        """A setting the checkpoint's meta records that this run would change part-way (the
+        weights still fit, so nothing else would notice), e.g. a DMAE resumed with another
+        `norm_pix_loss`, which decides whether it can ever denoise."""
+        if not isinstance(saved, dict):
+            return None
+        for key in FIXED_WHILE_TRAINING:
+            old, new = saved.get(key), self.meta.get(key)
+            if old is not None and new is not None and old != new:
+                return (
+                    f"{key}: trained with {old!r}, this run asks for {new!r}; resume with the "
+                    f"same setting, or start a new run directory (--out) to train with it"
+                )
+        return None
+
     def _load(self, path: Path) -> dict[str, Any]:
         try:
             state = checkpoint.load_checkpoint(path, map_location=self.device)
@@ -180,6 +198,10 @@ class Checkpointer:
                 f"resuming takes a last.pth or checkpoint-NNNN.pth of the same stage"
             )
         return state
+
+
+# What a run's meta records about its objective: a resume must not change it.
+FIXED_WHILE_TRAINING = ("norm_pix_loss", "noise_levels", "sigma", "tuned_for")
 
 
 def _check(path: Path, problem: str | None) -> None:

@@ -82,12 +82,17 @@ class Stability:
         return F.cross_entropy(self.classifier(denoiser(noisy)).float(), target)
 
 
-def tuned_spec(start: ModelSpec, sigma: float, classifier_sha256: str, init: Path) -> ModelSpec:
-    """The description of a denoiser tuned at `sigma`, from that of the DMAE it started as."""
+def tuned_spec(
+    start: ModelSpec, sigma: float, classifier_sha256: str, init: Path, recipe: Recipe, info: Any
+) -> ModelSpec:
+    """The description of a denoiser tuned at `sigma` on the recipe's data set (`info`), from
+    that of the DMAE it started as."""
     return dataclasses.replace(
         start,
         stage="denoiser",
         dmae_version=__version__,
+        dataset=recipe.data.dataset,
+        data_fingerprint=info.fingerprint,
         norm_pix_loss=False,
         noise_levels=(float(sigma),),
         tuned_for=classifier_sha256,
@@ -100,11 +105,16 @@ def _images(spec: ModelSpec) -> str:
 
 
 def check_fits(denoiser: ModelSpec, source: Path, frozen: Frozen, info: Any) -> None:
-    """The denoiser, the classifier and the data agree on channels and native side."""
+    """The denoiser, the classifier and the data agree on channels, native side and classes."""
     if (frozen.spec.channels, frozen.spec.input_size) != (info.channels, info.image_size):
         raise UserError(
             f"{frozen.path}: the classifier takes {_images(frozen.spec)}, but the recipe's data "
             f"set has {info.channels}-channel {info.image_size}x{info.image_size} images"
+        )
+    if frozen.spec.num_classes != info.num_classes:  # its accuracy would be scored wrongly
+        raise UserError(
+            f"{frozen.path}: the classifier has {frozen.spec.num_classes} classes, but the "
+            f"recipe's data set has {info.num_classes}"
         )
     if (denoiser.channels, denoiser.input_size) != (info.channels, info.image_size):
         raise UserError(
@@ -137,7 +147,8 @@ def denoiser_trainer(
             f"{str(spec.tuned_for)[:12]}..., not {frozen.sha256[:12]}...); pass that one to "
             f"--denoiser-for, or --out a new directory"
         )
-    spec = spec if resuming else tuned_spec(spec, sigma, frozen.sha256, source)
+    if not resuming:
+        spec = tuned_spec(spec, sigma, frozen.sha256, source, recipe, train_set.info)
     # Without a mask the mask token is never used: its gradient is zero, and weight decay
     # alone would move it; it stays as pre-trained.
     denoiser.dmae.mask_token.requires_grad_(False)
