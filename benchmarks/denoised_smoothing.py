@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmae_cli.config.recipe import load_recipe
+from dmae_cli.config.recipe import load_recipe, sigma_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -81,27 +81,18 @@ def dmae(args: argparse.Namespace, stages: list[Stage], name: str, *command: str
 def run(args: argparse.Namespace) -> list[Stage]:
     """Every stage; the run files end in <out>/ways/<way>/."""
     recipe, s, stages = args.recipe, f"{args.sigma:g}", []
-    run_dir = args.out / "digits"
-    clean = run_dir / "finetune" / "sigma-0.0" / "best.pth"
+    cfg = load_recipe(recipe, [f"runs_dir={args.out}", *args.sets])  # where each stage writes
+    clean = cfg.stage_dir("finetune") / sigma_name(0.0) / "best.pth"
+    noisy = cfg.stage_dir("finetune") / sigma_name(args.sigma) / "best.pth"
     denoisers = {
-        "clean+denoiser": run_dir / "pretrain" / "last.pth",
-        "clean+tuned": run_dir / "denoiser" / f"sigma-{args.sigma!r}" / "best.pth",
+        "clean+denoiser": cfg.stage_dir("pretrain") / "last.pth",
+        "clean+tuned": cfg.stage_dir("denoiser") / sigma_name(args.sigma) / "best.pth",
     }
     dmae(args, stages, "pretrain", "pretrain", recipe)
     dmae(args, stages, "finetune with noise", "finetune", recipe, "--sigma", s)
     dmae(args, stages, "finetune clean", "finetune", recipe, "--sigma", "0")
-    dmae(
-        args,
-        stages,
-        "tune denoiser",
-        "finetune",
-        recipe,
-        "--denoiser-for",
-        str(clean),
-        "--sigma",
-        s,
-    )
-    noisy = run_dir / "finetune" / f"sigma-{args.sigma!r}" / "best.pth"
+    tune = ["finetune", recipe, "--denoiser-for", str(clean), "--sigma", s]
+    dmae(args, stages, "tune denoiser", *tune)
     common = ["certify", recipe, "--sigma", s, "--n", str(args.n)]
     if args.max_examples:
         common += ["--max-examples", str(args.max_examples)]
