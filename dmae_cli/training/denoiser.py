@@ -45,7 +45,7 @@ from dmae_cli.runtime.lock import run_lock
 from dmae_cli.runtime.precision import autocast_dtype
 from dmae_cli.training.augment import warn_probe_ignores
 from dmae_cli.training.trainer import EvalFn, Trainer
-from dmae_cli.training.tuning import BestKeeper, SigmaRun, evaluate, resolve_init
+from dmae_cli.training.tuning import BestKeeper, SigmaRun, evaluate, resolve_init, train_sigma
 
 
 @dataclass(frozen=True)
@@ -206,15 +206,13 @@ def tune_sigma(
     device: torch.device,
     stop_after: int | None = None,
 ) -> SigmaRun:
-    """Tune (or resume) the denoiser for one sigma into `run_dir`."""
-    with distributed.agreed():  # a problem on any rank stops every rank, before training
-        trainer, keeper = denoiser_trainer(recipe, sigma, run_dir, start, frozen, data, device)
-    trainer.distribute()  # the denoiser only: the classifier has nothing to synchronise
-    try:
-        history = trainer.fit(stop_after=stop_after)
-    finally:
-        trainer.close()
-    return SigmaRun(sigma, run_dir, history, keeper.best or {})
+    """Tune (or resume) the denoiser for one sigma into `run_dir`. Under DDP only the
+    denoiser is wrapped: the frozen classifier has nothing to synchronise."""
+
+    def prepare() -> tuple[Trainer, BestKeeper]:
+        return denoiser_trainer(recipe, sigma, run_dir, start, frozen, data, device)
+
+    return train_sigma(sigma, run_dir, prepare, stop_after)
 
 
 def run_denoiser(

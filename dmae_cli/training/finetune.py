@@ -40,7 +40,14 @@ from dmae_cli.training.augment import apply_timm_augmentation, warn_probe_ignore
 from dmae_cli.training.objective import build_objective, warn_clean_ignores
 from dmae_cli.training.param_groups import optimisation, prepare_probe
 from dmae_cli.training.trainer import EvalFn, Trainer
-from dmae_cli.training.tuning import BestKeeper, SigmaRun, evaluate, init_label, resolve_init
+from dmae_cli.training.tuning import (
+    BestKeeper,
+    SigmaRun,
+    evaluate,
+    init_label,
+    resolve_init,
+    train_sigma,
+)
 
 __all__ = ["BestKeeper", "SigmaRun", "evaluate", "init_label", "resolve_init", "run_finetune"]
 
@@ -75,14 +82,11 @@ def finetune_sigma(
     stop_after: int | None = None,
 ) -> SigmaRun:
     """Train (or resume) the classifier for one sigma into `run_dir`."""
-    with distributed.agreed():  # a problem on any rank stops every rank, before training
-        trainer, keeper = sigma_trainer(recipe, sigma, run_dir, init, data, device)
-    trainer.distribute()
-    try:
-        history = trainer.fit(stop_after=stop_after)
-    finally:
-        trainer.close()
-    return SigmaRun(sigma, run_dir, history, keeper.best or {})
+
+    def prepare() -> tuple[Trainer, BestKeeper]:
+        return sigma_trainer(recipe, sigma, run_dir, init, data, device)
+
+    return train_sigma(sigma, run_dir, prepare, stop_after)
 
 
 def sigma_trainer(

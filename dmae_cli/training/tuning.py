@@ -7,9 +7,10 @@ best.pth, the checkpoint of the epoch with the best noisy accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,9 @@ from dmae_cli.config.recipe import Recipe
 from dmae_cli.models.spec import ModelSpec
 from dmae_cli.runtime import checkpoint, distributed, ui
 from dmae_cli.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    from dmae_cli.training.trainer import Trainer
 
 BEST = "best.pth"
 
@@ -104,6 +108,24 @@ class SigmaRun:
     run_dir: Path
     history: list[dict[str, Any]]
     best: dict[str, Any]  # epoch and accuracies of best.pth
+
+
+def train_sigma(
+    sigma: float,
+    run_dir: Path,
+    prepare: Callable[[], tuple[Trainer, BestKeeper]],
+    stop_after: int | None = None,
+) -> SigmaRun:
+    """Train (or resume) one sigma's model into `run_dir`: `prepare` builds its trainer and
+    best.pth keeper, on every rank, before the first step (a problem on any rank stops all)."""
+    with distributed.agreed():
+        trainer, keeper = prepare()
+    trainer.distribute()
+    try:
+        history = trainer.fit(stop_after=stop_after)
+    finally:
+        trainer.close()
+    return SigmaRun(sigma, run_dir, history, keeper.best or {})
 
 
 @dataclass
