@@ -490,3 +490,11 @@ def test_a_tuned_denoiser_records_the_data_it_was_tuned_on(tmp_path, dmae_run, c
     meta = load_checkpoint(run.run_dir / "last.pth")["meta"]
     fingerprint = load_dataset(recipe, "train", augment=True).info.fingerprint
     assert (meta["dataset"], meta["data_fingerprint"]) == ("digits", fingerprint)
+
+
+def test_a_classifier_as_the_denoiser_to_tune_is_one_line(tmp_path, classifier) -> None:
+    """--init names the denoiser's start: a classifier there is told apart in terms that fit
+    this command (once, the hint spoke of certify's --checkpoint and --denoiser)."""
+    line = denoiser_error(tmp_path, "--init", str(classifier), "--denoiser-for", str(classifier))
+    assert "a classifier (finetune) checkpoint, not a denoiser: a denoiser is a DMAE" in line
+    assert "--checkpoint" not in line

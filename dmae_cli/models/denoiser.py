@@ -134,8 +134,9 @@ def denoiser_spec(path: str | Path, state: dict[str, Any]) -> ModelSpec:
     stage = recorded(meta, "stage")
     if stage == "finetune":
         raise UserError(
-            f"{path}: a classifier (finetune) checkpoint, not a denoiser; pass it as "
-            f"--checkpoint and a DMAE from 'dmae pretrain' as --denoiser"
+            f"{path}: a classifier (finetune) checkpoint, not a denoiser: a denoiser is a DMAE "
+            f"from 'dmae pretrain' (or tuned by 'dmae finetune --denoiser-for'), and the "
+            f"classifier goes behind it"
         )
     if stage not in DENOISER_STAGES:
         raise UserError(f"{path}: a {stage or 'unknown'} checkpoint; expected {WANTED}")
