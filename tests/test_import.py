@@ -47,6 +47,21 @@ def official_vit(**options: Any) -> VisionTransformer:
     return vit.eval()
 
 
+def save_in_form(
+    directory: Path, weights: dict[str, torch.Tensor], form: str, extras: bool = True
+) -> Path:
+    """`weights` saved as a fine-tuned classifier comes: .safetensors, a timm state dict, or
+    the official training script's checkpoint (any other form; `extras`: its optimizer etc.)."""
+    path = directory / ("ft.safetensors" if form == "safetensors" else "ft.pth")
+    if form == "safetensors":
+        save_file(weights, str(path))
+    elif form == "timm":
+        torch.save(weights, path)
+    else:
+        official_save(path, weights, extras=extras)
+    return path
+
+
 def official_save(path: Path, model: dict[str, torch.Tensor], extras: bool = True) -> Path:
     """`util/misc.save_model` of the official code: model, optimizer, epoch, scaler, args."""
     state: dict[str, Any] = {"model": model}
@@ -86,13 +101,7 @@ def test_a_fine_tuned_classifier_initialises_fine_tuning_in_every_form(
     tmp_path: Path, form: str
 ) -> None:
     weights = official_vit().state_dict()
-    path = tmp_path / ("ft.safetensors" if form == "safetensors" else "ft.pth")
-    if form == "safetensors":
-        save_file(weights, str(path))
-    elif form == "timm":
-        torch.save(weights, path)
-    else:
-        official_save(path, weights, extras=form == "official")
+    path = save_in_form(tmp_path, weights, form, extras=form == "official")
     vit = build_classifier(classifier_meta()).vit
     report = load_encoder(vit, path)
     assert report.missing == [] and report.unexpected == []
@@ -132,13 +141,7 @@ def test_import_gives_the_source_models_logits(tmp_path: Path, case: str) -> Non
     options, form = FORMS[case]
     source = official_vit(**options)
     weights = source.state_dict()
-    path = tmp_path / ("ft.safetensors" if form == "safetensors" else "ft.pth")
-    if form == "safetensors":
-        save_file(weights, str(path))
-    elif form == "timm":
-        torch.save(weights, path)
-    else:
-        official_save(path, weights)
+    path = save_in_form(tmp_path, weights, form)
     result = cli(*import_args(path, tmp_path / "clf.pth", "--dataset", "digits"))
     assert result.exit_code == 0, result.output
     model, spec = load_classifier(tmp_path / "clf.pth")
